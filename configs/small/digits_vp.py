@@ -1,0 +1,7 @@
+"""A tiny DDPM++ on scikit-learn's 8x8 digits under the VP SDE: a CPU demo of a few minutes."""
+
+from scoreflow.config_defaults import small_config
+
+
+def get_config():
+    return small_config("digits", "vpsde")

@@ -1,0 +1,7 @@
+"""DDPM++ (continuous) on CIFAR-10 under the VP SDE, as in the paper."""
+
+from scoreflow.config_defaults import cifar10_config
+
+
+def get_config():
+    return cifar10_config("vpsde", deep=False)

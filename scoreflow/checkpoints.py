@@ -1,0 +1,121 @@
+"""Checkpoint files: atomic writes, loads that execute no pickled code, latest-good discovery.
+
+A checkpoint is a dict of tensors, numbers, strings and nested dicts/lists of those, written with
+``torch.save`` to a temporary file in the target folder, flushed to disk, then renamed over the
+final name, so that a crash leaves either the old file or the new one, never half of one. Loading
+uses ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+
+Two folders are used by the training drivers:
+
+- ``checkpoints/checkpoint_<k>.pth``: snapshot number k (k = step // snapshot_freq), kept forever;
+- ``checkpoints-meta/checkpoint_<step>.pth``: pre-emption checkpoints, of which the newest few are
+  kept; a restarted run resumes from the newest one that loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError",
+    "save_atomic",
+    "load_checkpoint",
+    "list_checkpoints",
+    "load_latest",
+    "prune",
+]
+
+_NUMBERED = re.compile(r"^checkpoint_(\d+)\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or of the wrong layout."""
+
+
+def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without executing pickled code.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, unreadable or holds
+    anything but tensors and plain Python containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read safely: {first}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a dict")
+    return state
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(number, path)`` of every ``checkpoint_<number>.pth`` in ``folder``, ascending."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = _NUMBERED.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def load_latest(
+    folder: str | os.PathLike, map_location: Any = "cpu"
+) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint of ``folder`` that loads, with its path; None if there is none.
+
+    A newer file that fails to load (truncated, corrupt) is reported with a warning and skipped
+    in favour of the previous one; it is left on disk for inspection.
+    """
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            return load_checkpoint(path, map_location), path
+        except CheckpointError as err:
+            log.warning("skipping unreadable checkpoint: %s", err)
+    return None
+
+
+def prune(folder: str | os.PathLike, keep: int) -> None:
+    """Delete all but the ``keep`` newest numbered checkpoints of ``folder``."""
+    for _, path in list_checkpoints(folder)[:-keep]:
+        path.unlink(missing_ok=True)

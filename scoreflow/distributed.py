@@ -1,0 +1,109 @@
+"""Process-group helpers: rank, world size, sharding and gathering.
+
+Every function works without torch.distributed being initialised (one process, rank 0), so the
+drivers call them unconditionally. Under ``torchrun`` the drivers call :func:`init` once, which
+picks NCCL when the process has a CUDA device and gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "init",
+    "is_initialized",
+    "rank",
+    "world_size",
+    "local_rank",
+    "is_main",
+    "barrier",
+    "shard_indices",
+    "all_gather_cat",
+    "broadcast_object",
+    "default_device",
+]
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment of torchrun (or another launcher) names a multi-rank job."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device_hint: str = "auto") -> None:
+    """Join the process group described by the launcher's environment, if any; else do nothing."""
+    if is_initialized() or not launched_by_torchrun():
+        return
+    use_cuda = torch.cuda.is_available() and device_hint != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def default_device(requested: str = "auto") -> torch.device:
+    """The device to run on: ``requested`` unless "auto", then this rank's GPU or the CPU."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() if launched_by_torchrun() else 0)
+    return torch.device("cpu")
+
+
+def shard_indices(n: int, rank_: int | None = None, world: int | None = None) -> range:
+    """The contiguous block of ``range(n)`` that this rank owns (sizes differ by at most one)."""
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    base, extra = divmod(n, world)
+    start = rank_ * base + min(rank_, extra)
+    return range(start, start + base + (1 if rank_ < extra else 0))
+
+
+def all_gather_cat(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` (first dimension may differ per rank) over ranks, in rank order."""
+    if not is_initialized():
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest,) + tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)])
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable object from rank ``src`` to every rank (identity on one process)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

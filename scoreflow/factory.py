@@ -1,0 +1,135 @@
+"""Build the objects of an experiment from its ml_collections config.
+
+This is the only module below the drivers that reads a config: everything it builds (the SDE, the
+score network, the dequantiser, the data sets) takes plain arguments, so that a researcher can
+construct the same objects without a config.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from scoreflow.sde import SDE, VESDE, VPSDE, SubVPSDE
+
+__all__ = ["ConfigError", "get_sde", "get_model", "get_dequantizer", "get_datasets", "data_scaler"]
+
+
+class ConfigError(ValueError):
+    """A config value is unknown or incompatible with another; the message says how to fix it."""
+
+
+def get_sde(config: ml_collections.ConfigDict) -> SDE:
+    """The forward SDE named by ``training.sde`` (vpsde, subvpsde, vesde)."""
+    name = config.training.sde.lower()
+    model = config.model
+    if name == "vpsde":
+        return VPSDE(model.beta_min, model.beta_max)
+    if name == "subvpsde":
+        return SubVPSDE(model.beta_min, model.beta_max)
+    if name == "vesde":
+        return VESDE(model.sigma_min, model.sigma_max)
+    raise ConfigError(
+        f"unknown SDE {config.training.sde!r}: "
+        "set --config.training.sde to vpsde, subvpsde or vesde"
+    )
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Reject settings that cannot work together, with a message that names the fix."""
+    training = config.training
+    get_sde(config)
+    if training.importance_weighting and not training.likelihood_weighting:
+        raise ConfigError(
+            "training.importance_weighting=True needs training.likelihood_weighting=True "
+            "(importance sampling of t is a variance reduction of the likelihood weighting)"
+        )
+    if training.importance_weighting and training.sde.lower() == "vesde":
+        raise ConfigError(
+            "importance sampling of t is defined for vpsde and subvpsde only; under vesde set "
+            "--config.training.importance_weighting=False"
+        )
+    if not training.continuous:
+        raise ConfigError(
+            "only continuous-time training is implemented: set --config.training.continuous=True"
+        )
+    if config.eval.bpd_dataset not in ("train", "test"):
+        raise ConfigError(
+            f"eval.bpd_dataset must be train or test, got {config.eval.bpd_dataset!r}"
+        )
+    if training.batch_size < 1:
+        raise ConfigError("training.batch_size must be at least 1")
+
+
+def get_model(config: ml_collections.ConfigDict):
+    """The score network of ``config.model`` (DDPM++ / NCSN++ "ncsnpp")."""
+    from scoreflow.nets.ncsnpp import NCSNpp
+
+    model = config.model
+    if model.name != "ncsnpp":
+        raise ConfigError(f"unknown model {model.name!r}: only 'ncsnpp' (DDPM++) is available")
+    if model.fir or model.progressive != "none" or model.progressive_input != "none":
+        raise ConfigError(
+            "FIR resampling and progressive growing paths are not implemented: set model.fir=False "
+            "and model.progressive=model.progressive_input='none' (the DDPM++ settings)"
+        )
+    return NCSNpp(
+        image_size=config.data.image_size,
+        num_channels=config.data.num_channels,
+        nf=model.nf,
+        ch_mult=tuple(model.ch_mult),
+        num_res_blocks=model.num_res_blocks,
+        attn_resolutions=tuple(model.attn_resolutions),
+        dropout=model.dropout,
+        resamp_with_conv=model.resamp_with_conv,
+        conditional=model.conditional,
+        skip_rescale=model.skip_rescale,
+        resblock_type=model.resblock_type,
+        init_scale=model.init_scale,
+        embedding_type=model.embedding_type,
+        fourier_scale=model.fourier_scale,
+        scale_by_sigma=model.scale_by_sigma,
+        centered=config.data.centered,
+        sigma_min=model.sigma_min,
+        sigma_max=model.sigma_max,
+        num_scales=model.num_scales,
+    )
+
+
+def get_dequantizer(config: ml_collections.ConfigDict):
+    """The Flow++ variational dequantiser of ``config.deq`` for the data's image shape."""
+    from scoreflow.nets.flowpp import FlowppDequantizer
+
+    deq = config.deq
+    return FlowppDequantizer(
+        arch=deq.arch,
+        num_channels=config.data.num_channels,
+        image_size=config.data.image_size,
+        num_filters=deq.num_filters,
+        num_blocks=deq.num_blocks,
+        num_components=deq.num_components,
+        num_heads=deq.num_heads,
+        num_conv_blocks=deq.num_conv_blocks,
+        dropout=deq.dropout,
+    )
+
+
+def get_datasets(config: ml_collections.ConfigDict):
+    """``(train, test)`` uint8 image data sets of ``config.data`` (see :mod:`scoreflow.data`)."""
+    from scoreflow import data
+
+    return data.get_datasets(
+        name=config.data.dataset,
+        root=config.data.root,
+        image_size=config.data.image_size,
+        num_channels=config.data.num_channels,
+        imagenet_format=config.data.imagenet_format,
+        test_fraction=config.data.test_fraction,
+        seed=config.seed,
+    )
+
+
+def data_scaler(config: ml_collections.ConfigDict):
+    """(scaler, inverse_scaler): [0, 1] data to model space ([-1, 1] when centred) and back."""
+    if config.data.centered:
+        return (lambda x: x * 2.0 - 1.0), (lambda x: (x + 1.0) / 2.0)
+    return (lambda x: x), (lambda x: x)

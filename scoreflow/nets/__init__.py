@@ -1,0 +1,1 @@
+"""Neural networks: the DDPM++ score network and the Flow++ variational dequantiser."""

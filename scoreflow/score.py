@@ -1,0 +1,88 @@
+"""Turn a score network into a score function s(x, t) ~ grad_x log p_t(x).
+
+This is the one place where the network's conditioning and output conventions meet the SDE:
+
+- VP and subVP: the network is conditioned on 999 t (the positional embedding of DDPM++ was
+  designed for integer steps 0..999) and predicts the noise eps_hat of x_t = alpha x_0 + std z;
+  the score is then -eps_hat / std(t).
+- VE: the network is conditioned on sigma(t) (its Fourier embedding takes log sigma) and, with
+  ``scale_by_sigma``, already returns the score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from scoreflow.sde import SDE, VESDE, _expand
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = ["ScoreFn", "get_noise_fn", "get_score_fn", "time_condition"]
+
+
+def time_condition(sde: SDE, t: Tensor) -> Tensor:
+    """The network's conditioning input for times ``t`` (batch,): 999 t, or sigma(t) for VE."""
+    if isinstance(sde, VESDE):
+        return sde.marginal_coefs(t)[1]
+    return t * 999
+
+
+def get_noise_fn(sde: SDE, model: nn.Module) -> ScoreFn:
+    """(x, t) -> std(t) * score, i.e. minus the predicted noise, shape of ``x``.
+
+    For VP/subVP this is the raw network output negated; it is the natural quantity of the
+    denoising losses, where ``std * score + z`` is the residual.
+    """
+
+    def noise_fn(x: Tensor, t: Tensor) -> Tensor:
+        out = model(x, time_condition(sde, t))
+        if isinstance(sde, VESDE):
+            return out * _expand(sde.marginal_coefs(t)[1], x)
+        return -out
+
+    return noise_fn
+
+
+def get_score_fn(sde: SDE, model: nn.Module) -> ScoreFn:
+    """(x, t) -> s(x, t), the model's score at ``x`` (batch, ...) and ``t`` (batch,).
+
+    The module's train/eval mode is left as the caller set it (dropout is active in training).
+    """
+
+    def score_fn(x: Tensor, t: Tensor) -> Tensor:
+        out = model(x, time_condition(sde, t))
+        if isinstance(sde, VESDE):
+            return out
+        std = sde.marginal_coefs(t)[1]
+        return -out / _expand(std, x)
+
+    return score_fn
+
+
+def exact_gaussian_score_fn(sde: SDE, mean: Tensor, var: Tensor) -> ScoreFn:
+    """Score of p_t when the data are N(mean, diag(var)): a closed form used in tests.
+
+    p_t = N(alpha mean, alpha^2 var + std^2), so s(x, t) = -(x - alpha mean) / (alpha^2 var
+    + std^2).
+    ``mean`` and ``var`` have the shape of one example.
+    """
+
+    def score_fn(x: Tensor, t: Tensor) -> Tensor:
+        alpha, std = sde.marginal_coefs(t)
+        a, s = _expand(alpha, x), _expand(std, x)
+        return -(x - a * mean) / (a * a * var + s * s)
+
+    return score_fn
+
+
+def no_grad_score(score_fn: ScoreFn) -> ScoreFn:
+    """Wrap a score function so that it runs under ``torch.no_grad``."""
+
+    def wrapped(x: Tensor, t: Tensor) -> Tensor:
+        with torch.no_grad():
+            return score_fn(x, t)
+
+    return wrapped
