@@ -119,3 +119,24 @@ def prune(folder: str | os.PathLike, keep: int) -> None:
     """Delete all but the ``keep`` newest numbered checkpoints of ``folder``."""
     for _, path in list_checkpoints(folder)[:-keep]:
         path.unlink(missing_ok=True)
+
+
+def restore_ema_weights(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Load a training checkpoint's weights into ``model``, with the EMA average as parameters.
+
+    ``state`` is a loaded checkpoint with ``"model"`` (a full state dict, buffers included) and
+    ``"ema"`` (parameter name -> averaged tensor, as written by :class:`scoreflow.ema.EMA`).
+    Key and shape mismatches raise :class:`CheckpointError` naming the keys.
+    """
+    if "model" not in state or "ema" not in state:
+        raise CheckpointError("checkpoint lacks the 'model' or 'ema' entry of a training state")
+    weights = dict(state["model"])
+    ema = {k: v for k, v in state["ema"].items() if not k.startswith("__")}
+    unknown = sorted(set(ema) - set(weights))
+    if unknown:
+        raise CheckpointError(f"EMA entries without a model parameter: {unknown[:5]}")
+    weights.update(ema)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint does not fit the model: {err}") from err
