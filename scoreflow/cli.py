@@ -1,0 +1,191 @@
+"""The ``scoreflow`` command line (also ``python main.py`` and ``python -m scoreflow``).
+
+Drivers, with the reference's flags::
+
+    scoreflow --config configs/vp/cifar10_ddpmpp_continuous.py --workdir runs/vp --mode train \\
+        --config.training.likelihood_weighting=True --config.training.importance_weighting=True
+    scoreflow --config ... --workdir ... --mode eval [--eval_folder eval]
+    scoreflow --config ... --workdir ... --mode train_deq [--deq_folder flowpp_dequantizer]
+
+Tools, each with its own flags (``scoreflow convert --help``)::
+
+    scoreflow convert ...      foreign checkpoints to scoreflow's layout
+    scoreflow fid-stats ...    FID reference statistics of a data set
+
+A user mistake (unknown flag or mode, missing config file, a bad ``--config.`` override,
+incompatible settings, a missing data or checkpoint file) ends the program with one line
+``scoreflow: error: ...`` on stderr and exit status 2; a run that diverged exits with 1.
+This module computes nothing: it parses, checks, writes ``<workdir>/config.json`` and dispatches.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+PROG = "scoreflow"
+MODES = ("train", "eval", "train_deq")
+USAGE = (
+    f"usage: {PROG} --config FILE --workdir DIR --mode {{{'|'.join(MODES)}}} "
+    "[--eval_folder NAME] [--deq_folder NAME] [--config.<field>=<value> ...]\n"
+    f"       {PROG} convert ...\n"
+    f"       {PROG} fid-stats ..."
+)
+
+__all__ = ["main", "run"]
+
+
+def _subcommands() -> dict[str, Callable[[list[str]], int]]:
+    """Tools behind ``scoreflow <name> ...``, imported only when used."""
+
+    def convert(argv: list[str]) -> int:
+        from scoreflow.convert import convert_main
+
+        return convert_main(argv)
+
+    def fid_stats(argv: list[str]) -> int:
+        from scoreflow.evaluate_sampling import stats_main
+
+        return stats_main(argv)
+
+    return {"convert": convert, "fid-stats": fid_stats}
+
+
+class UsageError(Exception):
+    """A mistake on the command line; its message is shown as one line."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    if not text and err.__cause__ is not None:
+        return _first_line(err.__cause__)
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _parse(argv: list[str]):
+    """Parse driver flags; returns the parsed FlagValues or raises UsageError."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "experiment config file (ml_collections)", flag_values=fv,
+        lock_config=True,
+    )  # fmt: skip
+    flags.DEFINE_string("workdir", None, "folder of the run's checkpoints and logs", flag_values=fv)
+    flags.DEFINE_string("mode", None, f"what to run: {', '.join(MODES)}", flag_values=fv)
+    flags.DEFINE_string(
+        "eval_folder", "eval", "subfolder of workdir for --mode eval", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "deq_folder", "flowpp_dequantizer", "subfolder of workdir for --mode train_deq",
+        flag_values=fv,
+    )  # fmt: skip
+
+    if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv[1:]):
+        print(USAGE)
+        print()
+        print(fv.get_help())
+        raise SystemExit(0)
+    try:
+        extra = fv(argv)
+        if fv["config"].present or fv["config"].value is not None:
+            _ = fv.config.training  # the file is only loaded on first access
+    except flags.Error as err:
+        raise UsageError(_first_line(err)) from err
+    except Exception as err:  # config loading and overrides raise assorted errors
+        if "Failed loading config file" in str(err) or "earlier failure" in str(err):
+            raise UsageError(f"cannot load the --config file: {_last_line(err)}") from err
+        if isinstance(err, AttributeError) and isinstance(err.args[0], KeyError):
+            field = err.args[0].args[0]
+            raise UsageError(f"unknown config field {field} in a --config.* override") from err
+        raise UsageError(f"bad --config override: {_first_line(err)}") from err
+    if len(extra) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(extra[1:])}")
+    for name in ("config", "workdir", "mode"):
+        if fv[name].value is None:
+            raise UsageError(f"--{name} is required (see {PROG} --help)")
+    if fv.mode not in MODES:
+        raise UsageError(f"unknown --mode {fv.mode!r}; choose one of {', '.join(MODES)}")
+    return fv
+
+
+def _last_line(err: BaseException) -> str:
+    for line in str(err).splitlines()[::-1]:
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
+
+
+def _dispatch(fv) -> None:
+    from scoreflow import factory
+
+    config, workdir, mode = fv.config, fv.workdir, fv.mode
+    factory.check_config(config)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    (Path(workdir) / "config.json").write_text(json.dumps(json.loads(config.to_json()), indent=2))
+    if mode == "train":
+        from scoreflow.train import train
+
+        train(config, workdir)
+    elif mode == "eval":
+        from scoreflow.evaluate import evaluate
+
+        evaluate(config, workdir, fv.eval_folder)
+    else:
+        from scoreflow.train_deq import train_deq
+
+        train_deq(config, workdir, fv.deq_folder)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv``); returns the exit status."""
+    from scoreflow.checkpoints import CheckpointError
+
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) > 1 and argv[1] in _subcommands():
+        try:
+            return int(_subcommands()[argv[1]](argv[2:]) or 0)
+        except (ValueError, FileNotFoundError, CheckpointError) as err:
+            return _error(_first_line(err), 2)
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith("scoreflow"):
+                return _error(f"{argv[1]} is not available: module {err.name} is missing", 2)
+            raise
+    try:
+        fv = _parse(argv)
+        _dispatch(fv)
+    except UsageError as err:
+        return _error(str(err), 2)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        # ConfigError is a ValueError: the drivers' one-line reports of user mistakes
+        return _error(_first_line(err), 2)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("scoreflow"):
+            return _error(f"this mode is not available: module {err.name} is missing", 2)
+        raise
+    except NotImplementedError as err:
+        return _error(f"not supported: {_first_line(err)}", 2)
+    except Exception as err:
+        from scoreflow.train import TrainingDivergedError
+
+        if isinstance(err, TrainingDivergedError):
+            return _error(_first_line(err), 1)
+        raise
+    return 0
+
+
+def _error(message: str, status: int) -> int:
+    """Report ``message`` as the one line ``scoreflow: error: ...`` on stderr; return status."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of ``scoreflow``, ``python -m scoreflow`` and ``python main.py``: exits."""
+    sys.exit(run(argv))

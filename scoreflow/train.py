@@ -1,0 +1,482 @@
+"""Training driver of the score model: ``train(config, workdir)``.
+
+One optimisation step is: take this step's batch, dequantise / flip / scale it, compute the
+denoising score matching loss (:mod:`scoreflow.losses`), clip the gradient at global norm
+``optim.grad_clip``, take an Adam step at the warmed-up learning rate, update the EMA.
+
+What lands in ``workdir``:
+
+- ``stdout.txt``: the log (appended across restarts);
+- ``tensorboard/``: scalars loss, eval_loss, lr, grad_norm, steps_per_sec;
+- ``curve.csv``: append-only rows ``step,loss,eval_loss``, and ``loss_curve.png`` drawn from it at
+  every snapshot (rows repeated after a restart are resolved in favour of the latest);
+- ``checkpoints/checkpoint_<k>.pth``: snapshot k = step // snapshot_freq (and at the last step);
+- ``checkpoints-meta/checkpoint_<step>.pth``: pre-emption checkpoints, the newest two kept;
+- ``samples/`` (if ``training.snapshot_sampling``): whatever the sampling snapshot writes.
+
+Resumption is bit-exact on the CPU: a checkpoint holds the model, the EMA, the optimiser, the
+step, the global torch RNG (dropout), the CUDA RNG, and the two dedicated generators of the loop
+(``data``: flips and dequantisation noise; ``noise``: t and z of the loss). The order of the data
+is a pure function of (seed, epoch) (:class:`EpochOrder`), so the position in the data is the
+step itself. Evaluation and snapshot sampling run under their own random state and leave the
+training's untouched. On GPUs cuDNN may pick non-deterministic kernels, so a resumed run there is
+equal in distribution, not necessarily in every bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from scoreflow import checkpoints, distributed, factory, losses, records
+from scoreflow.ema import EMA
+from scoreflow.importance import ImportanceSampler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainingDivergedError", "EpochOrder", "preprocess", "learning_rate", "train"]
+
+KEEP_PREEMPTION = 2
+CURVE_FILE = "curve.csv"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class EpochOrder:
+    """The data order: batch ``b`` of epoch ``e`` is ``perm(seed, e)[b B : (b + 1) B]``.
+
+    ``perm(seed, e)`` is a random permutation of ``range(n)`` that depends on nothing but the
+    seed, the stream number and the epoch, so the global batch number alone says where a run is
+    in its data. Incomplete last batches are dropped (every step sees ``batch_size`` examples).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, stream: int = 0):
+        if n < batch_size:
+            raise factory.ConfigError(
+                f"the data set has {n} examples, fewer than one batch of {batch_size}: lower "
+                "--config.training.batch_size"
+            )
+        self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def permutation(self, epoch: int) -> Tensor:
+        """The permutation of epoch ``epoch``, shape ``(n,)``."""
+        if epoch != self._epoch:
+            seed = np.random.SeedSequence([self.seed, self.stream, epoch]).generate_state(1)[0]
+            gen = torch.Generator().manual_seed(int(seed))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+        return self._perm
+
+    def position(self, index: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of global batch ``index`` (counted from 0)."""
+        return divmod(index, self.steps_per_epoch)
+
+    def batch_indices(self, index: int) -> Tensor:
+        """Data indices of global batch ``index``, shape ``(batch_size,)``."""
+        epoch, b = self.position(index)
+        return self.permutation(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+class _RankBatches:
+    """This rank's share of each global batch from step ``start`` on (a DataLoader sampler).
+
+    The per-rank batch is chosen here: the global batch of ``training.batch_size`` indices is
+    split into contiguous shards by :func:`scoreflow.distributed.shard_indices`.
+    """
+
+    def __init__(self, order: EpochOrder, start: int):
+        self.order, self.start = order, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        index = self.start
+        while True:
+            indices = self.order.batch_indices(index)
+            shard = distributed.shard_indices(len(indices))
+            yield indices[shard.start : shard.stop].tolist()
+            index += 1
+
+
+def _loader(dataset, order: EpochOrder, start: int, config, device: torch.device):
+    """Iterator over this rank's uint8 batches (batch, C, H, W), from global batch ``start``."""
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=_RankBatches(order, start),
+            num_workers=config.training.num_workers,
+            collate_fn=torch.stack,
+            pin_memory=device.type == "cuda",
+            # its own generator, so that building the loader draws nothing from the global RNG
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+    )
+
+
+def preprocess(
+    x: Tensor,
+    scaler,
+    generator: torch.Generator | None,
+    uniform_dequantization: bool = False,
+    random_flip: bool = False,
+) -> Tensor:
+    """uint8 images (batch, C, H, W) -> float model-space inputs of the same shape.
+
+    x / 255 in [0, 1], or with uniform dequantisation (x + u) / 256 with u ~ U[0, 1); a
+    horizontal flip of each image with probability 1/2; then ``scaler`` (e.g. to [-1, 1]).
+    """
+    x = x.float()
+    if uniform_dequantization:
+        u = torch.rand(x.shape, generator=generator, device=x.device)
+        x = (x + u) / 256.0
+    else:
+        x = x / 255.0
+    if random_flip:
+        flip = torch.rand((x.shape[0],), generator=generator, device=x.device) < 0.5
+        x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(-1), x)
+    return scaler(x)
+
+
+def learning_rate(step: int, base_lr: float, warmup: int) -> float:
+    """Learning rate of update number ``step`` (1-based): base_lr min(step / warmup, 1).
+
+    (The reference uses the count of finished updates, so its first update has rate 0.)
+    """
+    if warmup <= 0:
+        return base_lr
+    return base_lr * min(step / warmup, 1.0)
+
+
+def _random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    for name, gen in generators.items():
+        state[name] = gen.get_state()
+    return state
+
+
+def _set_random_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, gen in generators.items():
+        gen.set_state(state[name])
+
+
+@contextlib.contextmanager
+def _side_branch(device: torch.device):
+    """Run code whose random draws must not change the training's (global RNGs restored)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _append_curve(workdir: Path, step: int, loss: float | None, eval_loss: float | None) -> None:
+    if not distributed.is_main():
+        return
+    path = workdir / CURVE_FILE
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["step", "loss", "eval_loss"])
+        writer.writerow(
+            [step, "" if loss is None else f"{loss:.6g}", "" if eval_loss is None else eval_loss]
+        )
+
+
+def _draw_curve(workdir: Path) -> None:
+    """loss_curve.png from curve.csv; for a step logged twice (after a restart) the last wins."""
+    path = workdir / CURVE_FILE
+    if not distributed.is_main() or not path.exists():
+        return
+    series: dict[str, dict[int, float]] = {"loss": {}, "eval_loss": {}}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for name in series:
+                if row.get(name):
+                    series[name][int(row["step"])] = float(row[name])
+    curves = {
+        name: (sorted(values), [values[s] for s in sorted(values)])
+        for name, values in series.items()
+        if values
+    }
+    if curves:
+        records.save_curve(curves, workdir / "loss_curve.png", "step", "DSM loss")
+
+
+def _check_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _snapshot_sampling(config, sde, model: nn.Module, ema: EMA, step: int, workdir: Path):
+    """Samples from the EMA weights at a snapshot, if the sampling module is available."""
+    try:
+        from scoreflow.evaluate_sampling import snapshot_samples
+    except ImportError:
+        if not getattr(_snapshot_sampling, "warned", False):
+            log.warning("snapshot sampling skipped: scoreflow.evaluate_sampling is not available")
+            _snapshot_sampling.warned = True  # type: ignore[attr-defined]
+        return
+    ema_model = copy.deepcopy(model)
+    ema.copy_to(ema_model)
+    ema_model.eval()
+    snapshot_samples(config, sde, ema_model, step, str(workdir))
+
+
+def _device_options(config, model: nn.Module, device: torch.device):
+    """Apply training.channels_last / compile; return (model to call, autocast context factory)."""
+    training = config.training
+    on_gpu = device.type == "cuda"
+    if training.channels_last:
+        if on_gpu:
+            model = model.to(memory_format=torch.channels_last)
+        else:
+            log.info("training.channels_last has no effect on %s; ignored", device)
+    call_model: nn.Module = model
+    if training.compile:
+        if on_gpu:
+            call_model = torch.compile(model)  # type: ignore[assignment]
+        else:
+            log.info("training.compile is only used on GPUs; running eagerly on %s", device)
+    if training.amp and not on_gpu:
+        log.info("training.amp (bf16 autocast) is only used on GPUs; running float32 on %s", device)
+
+    def autocast():
+        if training.amp and on_gpu:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    return call_model, autocast
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+    """Train the score model of ``config`` in ``workdir``, resuming from its newest checkpoint.
+
+    Raises :class:`scoreflow.factory.ConfigError` for impossible settings and
+    :class:`TrainingDivergedError` when the loss stops being finite.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    records.setup_logging(workdir / "stdout.txt")
+    factory.check_config(config)
+    distributed.init(config.device)
+    if distributed.world_size() > 1:
+        raise NotImplementedError(
+            "multi-process training is not implemented yet: gradients would not be averaged "
+            "across ranks; run on one process"
+        )
+    device = distributed.default_device(config.device)
+    training, optim = config.training, config.optim
+    seed = config.seed
+
+    # the experiment's objects
+    sde = factory.get_sde(config)
+    weighting = losses.weighting_name(training.likelihood_weighting, training.importance_weighting)
+    eps = training.smallest_time
+    sampler = ImportanceSampler(sde, eps) if weighting == "importance" else None
+    torch.manual_seed(seed)
+    model = factory.get_model(config).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    log.info("score model: %s with %d parameters on %s", type(model).__name__, num_params, device)
+    log.info("SDE %s, weighting %s, eps %g", training.sde, weighting, eps)
+    if sampler is not None:
+        log.info("importance sampling of t: normaliser Z = %.4f", sampler.normalizer)
+    # (a multi-GPU run would wrap the model in DistributedDataParallel here)
+    ema = EMA(model, config.model.ema_rate)
+    optimizer = torch.optim.Adam(
+        model.parameters(),
+        lr=optim.lr,
+        betas=(optim.beta1, 0.999),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+    )
+    if optim.optimizer != "Adam":
+        raise factory.ConfigError(f"optimizer {optim.optimizer!r} is not supported; use Adam")
+    generators = {
+        "data": torch.Generator(device=device).manual_seed(seed + 1 + distributed.rank()),
+        "noise": torch.Generator(device=device).manual_seed(seed + 2 + distributed.rank()),
+    }
+
+    # the data
+    train_set, test_set = factory.get_datasets(config)
+    log.info(
+        "data %s: %d training and %d test images of shape %s",
+        config.data.dataset,
+        len(train_set),
+        len(test_set),
+        tuple(train_set[0].shape),
+    )
+    scaler, _ = factory.data_scaler(config)
+    order = EpochOrder(len(train_set), training.batch_size, seed, stream=0)
+    eval_batch_size = min(training.batch_size, len(test_set))
+    eval_order = EpochOrder(len(test_set), eval_batch_size, seed, stream=1)
+
+    # resume from the newest readable pre-emption checkpoint
+    snapshot_dir, meta_dir = workdir / "checkpoints", workdir / "checkpoints-meta"
+    step = 0
+    found = checkpoints.load_latest(meta_dir, map_location="cpu")
+    if found is not None:
+        state, path = found
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_random_state(state["random"], generators)
+        step = int(state["step"])
+        if state.get("batch_size") != training.batch_size:
+            log.warning(
+                "resuming with batch size %d after %s: the data order differs from the "
+                "interrupted run's",
+                training.batch_size,
+                state.get("batch_size"),
+            )
+        log.info("resumed from %s at step %d", path, step)
+    else:
+        log.info("starting from scratch (no checkpoint in %s)", meta_dir)
+    log.info("snapshots go to %s, pre-emption checkpoints to %s", snapshot_dir, meta_dir)
+    if step >= training.n_iters:
+        log.info("training already finished: step %d of %d", step, training.n_iters)
+        return
+
+    call_model, autocast = _device_options(config, model, device)
+    channels_last = training.channels_last and device.type == "cuda"
+
+    def to_model_space(batch: Tensor) -> Tensor:
+        x = preprocess(
+            batch.to(device, non_blocking=True),
+            scaler,
+            generators["data"],
+            config.data.uniform_dequantization,
+            config.data.random_flip,
+        )
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    def loss_of(x: Tensor, generator: torch.Generator) -> Tensor:
+        with autocast():
+            loss, _ = losses.dsm_loss(
+                sde, call_model, x, weighting, eps, training.reduce_mean, generator, sampler
+            )
+        return loss.float()
+
+    def save(folder: Path, number: int) -> Path:
+        state = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "random": _random_state(generators),
+            "batch_size": training.batch_size,
+            "data_position": list(order.position(step)),
+            "seed": seed,
+            "config": config.to_json(),
+        }
+        return checkpoints.save_atomic(state, folder / f"checkpoint_{number}.pth")
+
+    def evaluate_loss() -> float:
+        """Loss of the EMA weights on one held-out batch, without gradient or training RNG."""
+        with _side_branch(device), torch.no_grad():
+            backup = [p.detach().clone() for p in model.parameters()]
+            ema.copy_to(model)
+            model.eval()
+            index = step // training.eval_freq
+            batch = torch.stack([test_set[int(i)] for i in eval_order.batch_indices(index)])
+            gen = torch.Generator(device=device).manual_seed(seed + 10_000 + index)
+            x = preprocess(batch.to(device), scaler, gen, config.data.uniform_dequantization)
+            loss = float(loss_of(x, gen))
+            for p, b in zip(model.parameters(), backup, strict=True):
+                p.copy_(b)
+            model.train()
+        return loss
+
+    # the loop
+    writer = records.ScalarWriter(workdir / "tensorboard")
+    batches = _loader(train_set, order, step, config, device)
+    model.train()
+    bar = records.progress(total=training.n_iters, initial=step, desc="train", unit="step")
+    last_time, last_step = time.perf_counter(), step
+    try:
+        while step < training.n_iters:
+            x = to_model_space(next(batches))
+
+            # one optimisation step
+            lr = learning_rate(step + 1, optim.lr, optim.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = loss_of(x, generators["noise"])
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"the training loss became {float(loss)} at step {step + 1}; the last good "
+                    f"checkpoint in {meta_dir} is untouched (lower optim.lr or check the data)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+            optimizer.step()
+            ema.update(model)
+            step += 1
+            bar.update(1)
+
+            # logging
+            if step % training.log_freq == 0 or step == training.n_iters:
+                now = time.perf_counter()
+                rate = (step - last_step) / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+                loss_value, norm = float(loss.detach()), float(grad_norm)
+                log.info(
+                    "step %d: loss %.5g, lr %.3g, grad norm %.3g, %.2f steps/s",
+                    step, loss_value, lr, norm, rate,
+                )  # fmt: skip
+                for tag, value in (
+                    ("loss", loss_value),
+                    ("lr", lr),
+                    ("grad_norm", norm),
+                    ("steps_per_sec", rate),
+                ):
+                    writer.add(tag, value, step)
+                _append_curve(workdir, step, loss_value, None)
+                bar.set_postfix(loss=f"{loss_value:.4g}", rate=f"{rate:.2f}/s")
+            if step % training.eval_freq == 0:
+                eval_loss = evaluate_loss()
+                log.info("step %d: eval loss %.5g", step, eval_loss)
+                writer.add("eval_loss", eval_loss, step)
+                _append_curve(workdir, step, None, eval_loss)
+
+            # checkpoints
+            last = step == training.n_iters
+            preempt = step % training.snapshot_freq_for_preemption == 0 or last
+            snapshot = step % training.snapshot_freq == 0 or last
+            if (preempt or snapshot) and not _check_finite(model):
+                raise TrainingDivergedError(
+                    f"the weights are no longer finite at step {step}; not writing a checkpoint "
+                    f"(the last good one in {meta_dir} is untouched)"
+                )
+            if preempt and distributed.is_main():
+                path = save(meta_dir, step)
+                checkpoints.prune(meta_dir, KEEP_PREEMPTION)
+                log.debug("pre-emption checkpoint %s", path)
+            if snapshot and distributed.is_main():
+                path = save(snapshot_dir, step // training.snapshot_freq)
+                log.info("step %d: snapshot %s", step, path)
+                writer.flush()
+                _draw_curve(workdir)
+                if training.snapshot_sampling:
+                    with _side_branch(device):
+                        _snapshot_sampling(config, sde, model, ema, step, workdir)
+    finally:
+        bar.close()
+        writer.close()
+    log.info("training finished at step %d", step)
