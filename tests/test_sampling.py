@@ -1,0 +1,188 @@
+"""Samplers on Gaussian data N(m, diag(v)), whose score is exact at every time.
+
+For such data every marginal p_t is N(alpha m, alpha^2 v + std^2) per dimension, so
+
+- the probability-flow ODE is the affine map between marginals, in closed form per sample:
+  x_eps = alpha_e m + k (x_T - alpha_T m), k = sqrt((alpha_e^2 v + std_e^2) / (alpha_T^2 v +
+  std_T^2));
+- a stochastic sampler must reproduce the data's mean and covariance within the sampling error of
+  the sample (plus a small discretisation bias of the finite step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scoreflow.sampling import langevin_step, ode_sample, pc_sample, predictor_step
+from scoreflow.score import exact_gaussian_score_fn
+from scoreflow.sde import VESDE, VPSDE, SubVPSDE
+
+MEAN = torch.tensor([0.5, -1.0, 0.0, 1.0], dtype=torch.float64)
+VAR = torch.tensor([0.25, 1.0, 2.0, 0.5], dtype=torch.float64)
+
+
+def _flow_map(sde, x_T: torch.Tensor, eps: float) -> torch.Tensor:
+    """Closed-form probability-flow transport of x_T at t = T to t = eps (Gaussian data)."""
+    t_T = torch.tensor([sde.T], dtype=torch.float64)
+    t_e = torch.tensor([eps], dtype=torch.float64)
+    a_T, s_T = sde.marginal_coefs(t_T)
+    a_e, s_e = sde.marginal_coefs(t_e)
+    k = torch.sqrt((a_e**2 * VAR + s_e**2) / (a_T**2 * VAR + s_T**2))
+    return a_e * MEAN + k * (x_T.to(torch.float64) - a_T * MEAN)
+
+
+@pytest.mark.parametrize(
+    "sde, eps", [(VPSDE(), 1e-3), (SubVPSDE(), 1e-2), (VESDE(), 1e-3)], ids=["vp", "subvp", "ve"]
+)
+def test_ode_sampler_matches_closed_form_transport(sde, eps):
+    score_fn = exact_gaussian_score_fn(sde, MEAN.float(), VAR.float())
+    generator = torch.Generator().manual_seed(0)
+    x_T = sde.prior_sampling((256, 4), generator=generator)
+
+    x, nfe = ode_sample(score_fn, sde, (256, 4), eps=eps, denoise=False, prior_sample=x_T)
+
+    expected = _flow_map(sde, x_T, eps)
+    scale = VAR.sqrt()
+    assert torch.allclose((x.double() - expected) / scale, torch.zeros_like(expected), atol=2e-3)
+    assert 10 < nfe < 500
+
+
+def test_ode_sampler_moments_and_denoising():
+    sde = VPSDE()
+    score_fn = exact_gaussian_score_fn(sde, MEAN.float(), VAR.float())
+    n = 4000
+    generator = torch.Generator().manual_seed(1)
+    x, nfe = ode_sample(score_fn, sde, (n, 4), eps=1e-3, denoise=True, generator=generator)
+    assert x.shape == (n, 4) and x.dtype == torch.float32
+    _check_moments(x, n, bias=0.0)
+
+    # The denoising step is one extra evaluation that moves x_eps towards its posterior mean
+    # E[x_0 | x_eps] = (x + std^2 s) / alpha (Tweedie); the move is O(std^2) = O(1e-4), and
+    # the one-step chain from eps to 0 (b = beta(eps) eps vs std^2 = B(eps)) agrees with
+    # Tweedie's move to within (b - B) / B, about 10 %.
+    x_eps, nfe_eps = ode_sample(
+        score_fn, sde, (n, 4), eps=1e-3, denoise=False, generator=torch.Generator().manual_seed(1)
+    )
+    assert nfe == nfe_eps + 1
+    t = torch.full((n,), 1e-3, dtype=torch.float64)
+    alpha, std = sde.marginal_coefs(t)
+    x_eps = x_eps.double()
+    score = exact_gaussian_score_fn(sde, MEAN, VAR)(x_eps, t)
+    tweedie_move = (x_eps + std[:, None] ** 2 * score) / alpha[:, None] - x_eps
+    move = x.double() - x_eps
+    assert (move - tweedie_move).norm() < 0.15 * tweedie_move.norm()
+
+
+def _check_moments(x: torch.Tensor, n: int, bias: float) -> None:
+    """Sample mean and covariance against N(MEAN, diag(VAR)) within 4.5 standard errors."""
+    x = x.double()
+    mean_err = (x.mean(0) - MEAN) / (VAR / n).sqrt()
+    assert mean_err.abs().max() < 4.5, mean_err
+    cov = torch.cov(x.T)
+    ratio = cov.diagonal() / VAR
+    assert (ratio - 1).abs().max() < 4.5 * math.sqrt(2 / n) + bias, ratio
+    corr = cov / torch.sqrt(VAR[:, None] * VAR[None, :])
+    off = corr - torch.diag(corr.diagonal())
+    assert off.abs().max() < 4.5 / math.sqrt(n), off
+
+
+@pytest.mark.parametrize(
+    "sde, predictor, corrector, eps",
+    [
+        (VPSDE(), "euler_maruyama", "none", 1e-3),
+        (VPSDE(), "reverse_diffusion", "none", 1e-3),
+        (VPSDE(), "ancestral", "none", 1e-3),
+        (VPSDE(), "reverse_diffusion", "langevin", 1e-3),
+        (SubVPSDE(), "euler_maruyama", "none", 1e-2),
+        (VESDE(sigma_max=20.0), "reverse_diffusion", "none", 1e-3),
+        (VESDE(sigma_max=20.0), "ancestral", "langevin", 1e-3),
+    ],
+    ids=["vp-em", "vp-rd", "vp-anc", "vp-rd-langevin", "subvp-em", "ve-rd", "ve-anc-langevin"],
+)
+def test_pc_sampler_moments(sde, predictor, corrector, eps):
+    score_fn = exact_gaussian_score_fn(sde, MEAN.float(), VAR.float())
+    n, steps = 8000, 400
+    generator = torch.Generator().manual_seed(2)
+
+    x, nfe = pc_sample(
+        score_fn,
+        sde,
+        (n, 4),
+        predictor=predictor,
+        corrector=corrector,
+        snr=0.16,
+        num_steps=steps,
+        eps=eps,
+        generator=generator,
+    )
+
+    assert x.shape == (n, 4) and torch.isfinite(x).all()
+    assert nfe == steps * (2 if corrector == "langevin" else 1)
+    # 400 steps leave a discretisation bias of a few percent in the variance; the Langevin
+    # corrector with snr 0.16 adds a few more.
+    _check_moments(x, n, bias=0.04 if corrector == "none" else 0.09)
+
+
+def test_pc_sampler_is_reproducible_and_denoise_returns_the_mean():
+    sde = VPSDE()
+    score_fn = exact_gaussian_score_fn(sde, MEAN.float(), VAR.float())
+    run = lambda denoise: pc_sample(  # noqa: E731
+        score_fn,
+        sde,
+        (16, 4),
+        "euler_maruyama",
+        "langevin",
+        num_steps=50,
+        denoise=denoise,
+        generator=torch.Generator().manual_seed(3),
+    )[0]
+    a, b, noisy = run(True), run(True), run(False)
+    assert torch.equal(a, b)
+    # The last step at t = eps differs only by its noise g(eps) sqrt(h) z.
+    step = (1 - 1e-3) / 49
+    g = sde.diffusion(torch.tensor(1e-3)).item()
+    spread = (noisy - a).std().item()
+    assert abs(spread / (g * math.sqrt(step)) - 1) < 0.5
+
+
+def test_ancestral_vp_step_is_ddpm_posterior_with_exact_score():
+    """With exact scores of a point mass at 0 the DDPM step maps x to x (1 - b/std^2)/sqrt(1-b)."""
+    sde = VPSDE()
+    score_fn = exact_gaussian_score_fn(sde, torch.zeros(3), torch.zeros(3))
+    x = torch.randn(5, 3)
+    t = torch.full((5,), 0.5)
+    h = 1e-3
+    _, x_mean = predictor_step("ancestral", sde, score_fn, x, t, h, None)
+    b = sde.beta(t) * h
+    std2 = sde.marginal_coefs(t)[1] ** 2
+    expected = x * ((1 - b / std2) / torch.sqrt(1 - b))[:, None]
+    assert torch.allclose(x_mean, expected, rtol=1e-5)
+
+
+def test_langevin_step_size_follows_snr_rule():
+    sde = VESDE()
+    score_fn = lambda x, t: -x  # noqa: E731  (score of N(0, I))
+    x = torch.randn(64, 10, generator=torch.Generator().manual_seed(4))
+    t = torch.full((64,), 0.3)
+    generator = torch.Generator().manual_seed(5)
+    x_next, x_mean = langevin_step(sde, score_fn, x, t, snr=0.2, step=1e-3, generator=generator)
+    noise = torch.randn(64, 10, generator=torch.Generator().manual_seed(5))
+    step = 2 * (0.2 * noise.norm(dim=1).mean() / x.norm(dim=1).mean()) ** 2
+    assert torch.allclose(x_mean, x - step * x, atol=1e-6)
+    assert torch.allclose(x_next, x_mean + math.sqrt(2 * step) * noise, atol=1e-5)
+
+
+def test_bad_names_and_unsupported_combinations_raise():
+    sde = SubVPSDE()
+    score_fn = exact_gaussian_score_fn(sde, MEAN.float(), VAR.float())
+    with pytest.raises(ValueError, match="predictor"):
+        pc_sample(score_fn, sde, (2, 4), predictor="heun", num_steps=3)
+    with pytest.raises(ValueError, match="corrector"):
+        pc_sample(score_fn, sde, (2, 4), corrector="ald", num_steps=3)
+    with pytest.raises(NotImplementedError, match="ancestral"):
+        pc_sample(score_fn, sde, (2, 4), predictor="ancestral", corrector="none", num_steps=3)
+    with pytest.raises(ValueError, match="num_steps > 21"):
+        pc_sample(score_fn, VPSDE(), (2, 4), predictor="reverse_diffusion", num_steps=20)
