@@ -195,14 +195,14 @@ def _canonical_name(name: str) -> str:
 def _conform(dataset: ImageDataset, image_size: int, num_channels: int) -> ImageDataset:
     """Resize and convert channels only where the stored images differ from the request."""
     images = dataset.images
-    if images.shape[0] and (images.shape[2] != image_size or images.shape[3] != image_size):
+    if images.shape[2] != image_size or images.shape[3] != image_size:
         logger.info("resizing %d images to %dx%d", images.shape[0], image_size, image_size)
         resized = [
-            resize_center_crop(_to_pil(image), image_size)
+            _from_pil(resize_center_crop(_to_pil(image), image_size), images.shape[1])
             for image in progress(images, desc="resize", leave=False)
         ]
-        channels = images.shape[1]
-        images = torch.stack([_from_pil(image, channels) for image in resized])
+        empty = images.new_empty((0, images.shape[1], image_size, image_size))
+        images = torch.stack(resized) if resized else empty
     images = convert_channels(images, num_channels)
     if images is dataset.images:
         return dataset
@@ -469,22 +469,26 @@ def _load_png_split(root: Path, split: str) -> Tensor:
 
 
 def _decode_files(paths: list[Path], desc: str) -> np.ndarray:
-    """Decode same-sized image files to uint8 ``(N, H, W, 3)``, in a few threads."""
+    """Decode same-sized image files to uint8 ``(N, H, W, 3)``, in a few threads, filling one
+    preallocated array (so 1.28M ImageNet images need their 3.9 GB once, not twice)."""
     from PIL import Image
 
     def decode(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
 
+    first = decode(paths[0])
+    images = np.empty((len(paths),) + first.shape, dtype=np.uint8)
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = list(
-            progress(pool.map(decode, paths, chunksize=256), total=len(paths), desc=desc)
-        )
-    shapes = {image.shape for image in decoded}
-    if len(shapes) != 1:
-        raise ValueError(f"{paths[0].parent}: images of different sizes {sorted(shapes)[:3]}")
-    return np.stack(decoded)
+        decoded = pool.map(decode, paths)
+        for index, image in enumerate(progress(decoded, total=len(paths), desc=desc)):
+            if image.shape != first.shape:
+                raise ValueError(
+                    f"{paths[index]}: image of shape {image.shape}, expected {first.shape}"
+                )
+            images[index] = image
+    return images
 
 
 def _write_cache(path: Path, images: np.ndarray) -> None:

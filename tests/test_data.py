@@ -60,6 +60,8 @@ def test_digits_channels_and_resize():
     big, _ = data.get_datasets("digits", "", 16, 1, "png", 0.1, seed=0)
     assert big.images.shape[1:] == (1, 16, 16) and big.images.dtype == torch.uint8
     assert len(big) == len(train)
+    whole, none = data.get_datasets("digits", "", 16, 3, "png", 0.0, seed=0)
+    assert len(whole) == 1797 and none.images.shape == (0, 3, 16, 16)
 
 
 def test_mnist_counts_and_split():
@@ -280,6 +282,15 @@ def test_imagenet_png_and_cache(tmp_path):
     assert len(grown) == 6 and torch.equal(
         grown.images[5], torch.from_numpy(extra).permute(2, 0, 1)
     )
+
+
+def test_imagenet_png_of_mixed_sizes_is_refused(tmp_path):
+    for split in ("train_32x32", "valid_32x32"):
+        (tmp_path / split).mkdir()
+        Image.new("RGB", (32, 32)).save(tmp_path / split / "a.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "train_32x32" / "b.png")
+    with pytest.raises(ValueError, match="b.png"):
+        data.get_datasets("ImageNet", tmp_path, 32, 3, "png", 0.1, 0)
 
 
 def test_imagenet_png_missing_and_bad_format(tmp_path):
