@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny training config and a runner of the command line in a subprocess."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_CONFIG = str(ROOT / "configs" / "small" / "digits_vp.py")
+
+# the small digits config shrunk further: a network of ~50k parameters, short runs
+TINY = {
+    "model.nf": 8,
+    "training.batch_size": 16,
+    "training.n_iters": 40,
+    "training.log_freq": 10,
+    "training.eval_freq": 20,
+    "training.snapshot_freq": 20,
+    "training.snapshot_freq_for_preemption": 5,
+    "training.snapshot_sampling": False,
+    "eval.batch_size": 16,
+}
+
+
+def tiny_config(**overrides):
+    """The digits VP config with :data:`TINY` and ``overrides`` ("training.n_iters"=...)."""
+    spec = importlib.util.spec_from_file_location("digits_vp_config", DIGITS_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in {**TINY, **overrides}.items():
+        section, field = key.rsplit(".", 1)
+        setattr(_section(config, section), field, value)
+    return config
+
+
+def _section(config, dotted: str):
+    for name in dotted.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def cli_args(workdir, mode: str = "train", config: str = DIGITS_CONFIG, **overrides) -> list[str]:
+    """Command-line arguments of a tiny run: --config, --workdir, --mode and the overrides."""
+    args = ["--config", config, "--workdir", str(workdir), "--mode", mode]
+    for key, value in {**TINY, **overrides}.items():
+        args.append(f"--config.{key}={value}")
+    return args
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", SCOREFLOW_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def run_cli(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m scoreflow ARGS`` in a subprocess, text output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "scoreflow", *args],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def no_progress(monkeypatch):
+    """Silence tqdm bars of in-process runs."""
+    monkeypatch.setenv("SCOREFLOW_NO_PROGRESS", "1")
