@@ -194,6 +194,7 @@ def imagenet32_config(sde: str, deep: bool = False) -> ml_collections.ConfigDict
     config.deq.arch = "imagenet32"
     config.deq.num_blocks = 8
     config.deq.num_filters = 128
+    config.deq.num_conv_blocks = 8  # the reference's 35.5M-parameter ImageNet32 dequantiser
     return config
 
 
