@@ -419,8 +419,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
             loss = loss_of(x, generators["noise"])
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
-                    f"the training loss became {float(loss.detach())} at step {step + 1}; the last good "
-                    f"checkpoint in {meta_dir} is untouched (lower optim.lr or check the data)"
+                    f"the training loss became {float(loss.detach())} at step {step + 1}; the last "
+                    f"good checkpoint in {meta_dir} is untouched (lower optim.lr or check the data)"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
