@@ -1,0 +1,216 @@
+"""The evaluation driver: every image evaluated, exact resumption, batch-independent values,
+the dequantiser and sampling hooks, and the report's files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import scoreflow.evaluate as evaluate_module
+from scoreflow import checkpoints, factory
+from scoreflow.ema import EMA
+from scoreflow.evaluate import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config():
+    spec = importlib.util.spec_from_file_location("digits_vp", ROOT / "configs/small/digits_vp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.device = "cpu"
+    evaluation = config.eval
+    evaluation.max_images = 5
+    evaluation.batch_size = 2
+    evaluation.num_repeats = 2
+    evaluation.rtol = evaluation.atol = 1e-3
+    evaluation.begin_ckpt = evaluation.end_ckpt = 1
+    evaluation.bound_num_times = 10
+    return config
+
+
+class TinyScoreModel(nn.Module):
+    """A stand-in score network with the NCSNpp calling convention model(x, time_cond)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.out = nn.Conv2d(4, 1, 3, padding=1)
+        self.time = nn.Linear(1, 4)
+
+    def forward(self, x, time_cond):
+        h = torch.tanh(self.conv(x) + self.time(time_cond[:, None] / 1000)[:, :, None, None])
+        return 0.1 * self.out(h)
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    monkeypatch.setenv("SCOREFLOW_NO_PROGRESS", "1")
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    monkeypatch.setattr(factory, "get_model", lambda config: TinyScoreModel())
+
+
+def write_snapshot(workdir: Path, model: nn.Module, number: int, step: int) -> None:
+    state = {"model": model.state_dict(), "ema": EMA(model, 0.99).state_dict(), "step": step}
+    checkpoints.save_atomic(state, workdir / "checkpoints" / f"checkpoint_{number}.pth")
+
+
+def tiny_workdir(tmp_path: Path, name: str, snapshots=(1,)) -> Path:
+    workdir = tmp_path / name
+    for k in snapshots:
+        torch.manual_seed(k)
+        write_snapshot(workdir, TinyScoreModel(), k, 100 * k)
+    return workdir
+
+
+def load_bpd(workdir: Path, ckpt: int, method: str) -> np.ndarray:
+    return np.load(workdir / "eval" / f"bpd_ckpt_{ckpt}_{method}.npz")["bpd"]
+
+
+def test_every_image_is_evaluated_and_the_report_is_complete(tmp_path, tiny_model):
+    config = small_config()
+    config.eval.end_ckpt = 2
+    workdir = tiny_workdir(tmp_path, "run", snapshots=(1, 2))
+    report = evaluate(config, workdir, "eval")
+
+    arrays = np.load(workdir / "eval" / "bpd_ckpt_1_ode.npz")
+    assert arrays["bpd"].shape == (2, 5) and np.isfinite(arrays["bpd"]).all()
+    assert arrays["nfe"].shape == (2, 3) and (arrays["nfe"] > 0).all()  # 2 + 2 + 1 images
+    dim = 64
+    expected = (arrays["nll_nats"] + arrays["log_q"]) / (dim * math.log(2)) + 7.0
+    np.testing.assert_allclose(arrays["bpd"], expected)
+
+    entry = report["checkpoints"]["1_ode"]
+    per_image = arrays["bpd"].mean(axis=0)
+    assert entry["bpd"] == pytest.approx(per_image.mean())
+    assert entry["bpd_stderr"] == pytest.approx(per_image.std(ddof=1) / math.sqrt(5))
+    for key in (
+        "method",
+        "dequantization",
+        "num_images",
+        "num_repeats",
+        "nfe_mean",
+        "checkpoint",
+        "seconds",
+        "dataset",
+        "data_source",
+        "step",
+    ):
+        assert key in entry
+    assert entry["method"] == "ode" and entry["dequantization"] == "uniform"
+    assert entry["num_images"] == 5 and entry["num_repeats"] == 2
+    assert "digits" in entry["data_source"]
+    assert json.loads((workdir / "eval" / "report.json").read_text()) == report
+    assert set(report["checkpoints"]) == {"1_ode", "2_ode"}
+    assert (workdir / "eval" / "bpd_curve.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", ["ode", "bound"])
+def test_killed_evaluation_resumes_to_the_same_numbers(tmp_path, tiny_model, monkeypatch, method):
+    config = small_config()
+    config.eval.bound = method == "bound"
+    reference_dir = tiny_workdir(tmp_path, "uninterrupted")
+    evaluate(config, reference_dir, "eval")
+    reference = load_bpd(reference_dir, 1, method)
+
+    workdir = tiny_workdir(tmp_path, "killed")
+    real_batch = evaluate_module.bpd_batch
+    calls = []
+
+    def dies_on_the_fourth_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "bpd_batch", dies_on_the_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(config, workdir, "eval")
+    assert not (workdir / "eval" / f"bpd_ckpt_1_{method}.npz").exists()
+
+    calls.clear()
+    evaluate(config, workdir, "eval")
+    assert len(calls) == 6 - 3  # only the batches not yet done
+    np.testing.assert_allclose(load_bpd(workdir, 1, method), reference, rtol=0, atol=1e-6)
+
+
+def test_bound_values_do_not_depend_on_the_batching(tmp_path, tiny_model):
+    """Per-image work is a function of (seed, repeat, image index): batch size 2 and 5 agree."""
+    config = small_config()
+    config.eval.bound = True
+    first = tiny_workdir(tmp_path, "batch2")
+    evaluate(config, first, "eval")
+    config.eval.batch_size = 5
+    second = tiny_workdir(tmp_path, "batch5")
+    evaluate(config, second, "eval")
+    np.testing.assert_allclose(
+        load_bpd(first, 1, "bound"), load_bpd(second, 1, "bound"), rtol=0, atol=1e-4
+    )
+
+
+def test_variational_dequantizer_and_sampling_hook(tmp_path, tiny_model, monkeypatch):
+    config = small_config()
+    config.eval.bound = True
+    config.eval.dequantizer = True
+    config.eval.enable_sampling = True
+    workdir = tiny_workdir(tmp_path, "deq")
+
+    # a Flow++ dequantiser snapshot (initialised on a batch) in the dequantiser's folder
+    torch.manual_seed(0)
+    flow = factory.get_dequantizer(config)
+    with torch.no_grad():
+        flow(torch.rand(4, 1, 8, 8), torch.randn(4, 1, 8, 8))
+    state = {"model": flow.state_dict(), "ema": EMA(flow, 0.99).state_dict(), "step": 7}
+    checkpoints.save_atomic(state, workdir / "flowpp_dequantizer/checkpoints/checkpoint_3.pth")
+
+    received = {}
+
+    def run_sampling_eval(config, sde, model, eval_dir, ckpt_id):
+        received.update(eval_dir=eval_dir, ckpt_id=ckpt_id)
+        return {"fid": 12.5}
+
+    fake = types.ModuleType("scoreflow.evaluate_sampling")
+    fake.run_sampling_eval = run_sampling_eval
+    monkeypatch.setitem(sys.modules, "scoreflow.evaluate_sampling", fake)
+
+    report = evaluate(config, workdir, "eval")
+    entry = report["checkpoints"]["1_bound"]
+    assert entry["dequantization"] == "variational" and entry["method"] == "bound"
+    assert entry["fid"] == 12.5 and received["ckpt_id"] == 1
+    log_q = np.load(workdir / "eval" / "bpd_ckpt_1_bound.npz")["log_q"]
+    assert np.isfinite(log_q).all() and (log_q != 0).any()
+
+
+def test_missing_files_give_one_line_errors(tmp_path, tiny_model):
+    config = small_config()
+    with pytest.raises(FileNotFoundError, match="begin_ckpt"):
+        evaluate(config, tmp_path / "empty", "eval")
+    config.eval.dequantizer = True
+    workdir = tiny_workdir(tmp_path, "nodeq")
+    with pytest.raises(FileNotFoundError, match="train_deq"):
+        evaluate(config, workdir, "eval")
+
+
+def test_real_small_network_bound(tmp_path):
+    """The DDPM++ of the small digits config, end to end through the factory."""
+    config = small_config()
+    config.eval.bound = True
+    config.eval.num_repeats = 1
+    torch.manual_seed(0)
+    workdir = tmp_path / "ncsnpp"
+    write_snapshot(workdir, factory.get_model(config), 1, 1000)
+    report = evaluate(config, workdir, "eval")
+    assert math.isfinite(report["checkpoints"]["1_bound"]["bpd"])
