@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "init",
+    "destroy",
     "is_initialized",
     "rank",
     "world_size",
@@ -24,6 +26,10 @@ __all__ = [
     "shard_indices",
     "all_gather_cat",
     "broadcast_object",
+    "all_gather_object",
+    "mean_over_ranks",
+    "wrap_ddp",
+    "rank_seed",
     "default_device",
 ]
 
@@ -41,6 +47,12 @@ def init(device_hint: str = "auto") -> None:
     if use_cuda:
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+
+
+def destroy() -> None:
+    """Leave the process group joined by :func:`init` (a no-op on one process)."""
+    if is_initialized():
+        dist.destroy_process_group()
 
 
 def is_initialized() -> bool:
@@ -107,3 +119,45 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` on one process)."""
+    if not is_initialized():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_ranks(tensor: Tensor) -> Tensor:
+    """The element-wise mean of ``tensor`` over ranks (a copy; ``tensor`` itself on one process).
+
+    For a per-rank batch mean over equal-size shards this is the mean over the global batch.
+    """
+    if not is_initialized():
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / world_size()
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in :class:`~torch.nn.parallel.DistributedDataParallel` under a process group.
+
+    DDP averages the gradients over ranks during ``backward`` (an all-reduce of the buckets), so
+    with equal-size shards and a loss that is a batch mean every rank ends ``backward`` holding the
+    gradient of the global batch mean. On one process ``model`` is returned unchanged.
+    """
+    if not is_initialized():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def rank_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed that depends on ``seed`` and ``keys`` only (e.g. step and rank)."""
+    state = np.random.SeedSequence([seed, *keys]).generate_state(2)
+    return (int(state[0]) << 32 | int(state[1])) & (2**63 - 1)

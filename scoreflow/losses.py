@@ -88,13 +88,16 @@ def dsm_loss(
     reduce_mean: bool = True,
     generator: torch.Generator | None = None,
     importance_sampler: ImportanceSampler | None = None,
+    t: Tensor | None = None,
+    z: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Denoising score matching loss of a batch ``x0`` (batch, C, H, W) in model space.
 
     ``model`` is either the score network (an ``nn.Module`` called as ``model(x, time_cond)``,
     turned into a noise function by :func:`scoreflow.score.get_noise_fn`) or directly a noise
     function ``(x_t, t) -> std(t) * s(x_t, t)``. t and z are drawn from ``generator`` on the
-    device of ``x0``.
+    device of ``x0``, unless given: ``t`` (batch,) and ``z`` (shaped like ``x0``) drawn by the
+    caller (a distributed rank passes its slice of the global batch's draws).
 
     Returns ``(loss, losses)``: the batch mean (a scalar) and the per-example losses (batch,).
     See the module docstring for the three weightings and how their expectations relate.
@@ -104,10 +107,12 @@ def dsm_loss(
     batch_size = x0.shape[0]
 
     # draw the time and the noise, then perturb the data
-    t = sample_times(
-        sde, batch_size, weighting, eps, generator, x0.device, x0.dtype, importance_sampler
-    )
-    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if t is None:
+        t = sample_times(
+            sde, batch_size, weighting, eps, generator, x0.device, x0.dtype, importance_sampler
+        )
+    if z is None:
+        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = sde.perturb(x0, t, z)
 
     # residual std * s + z of the noise prediction, reduced over the data dimensions
