@@ -145,6 +145,7 @@ def bpd_batch(
         atol=settings["atol"],
         divergence=settings["divergence"],
         generator=estimator_generators,
+        time_variable=settings["time_variable"],
     )
     return -result.logp, log_q, result.nfe
 
@@ -361,6 +362,7 @@ def evaluate(
             "rtol": float(evaluation.rtol),
             "atol": float(evaluation.atol),
             "divergence": evaluation.divergence,
+            "time_variable": "sqrt",
             "bound_num_times": int(evaluation.bound_num_times),
             "offset": bool(evaluation.offset),
             "seed": int(config.seed),

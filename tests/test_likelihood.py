@@ -85,10 +85,13 @@ def to_bpd(nats, dim):
 
 @pytest.mark.parametrize("sde,eps", CASES)
 @pytest.mark.parametrize("full", [False, True])
-def test_exact_divergence_matches_closed_form(sde, eps, full):
+@pytest.mark.parametrize("time_variable", ["sqrt", "t"])
+def test_exact_divergence_matches_closed_form(sde, eps, full, time_variable):
     data = GaussianData(sde, dim=4, full=full)
     x = data.sample(6)
-    result = ode_likelihood(data.score_fn, sde, x, eps=eps, divergence="exact")
+    result = ode_likelihood(
+        data.score_fn, sde, x, eps=eps, divergence="exact", time_variable=time_variable
+    )
     error = to_bpd(result.logp - data.model_logp(x, eps), 4).abs().max()
     assert error < 1e-3
     assert result.nfe > 10
