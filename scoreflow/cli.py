@@ -145,39 +145,37 @@ def _dispatch(fv) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv``); returns the exit status."""
-    from scoreflow.checkpoints import CheckpointError
-
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) > 1 and argv[1] in _subcommands():
-        try:
-            return int(_subcommands()[argv[1]](argv[2:]) or 0)
-        except (ValueError, FileNotFoundError, CheckpointError) as err:
-            return _error(_first_line(err), 2)
-        except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("scoreflow"):
-                return _error(f"{argv[1]} is not available: module {err.name} is missing", 2)
-            raise
     try:
-        fv = _parse(argv)
-        _dispatch(fv)
-    except UsageError as err:
+        if len(argv) > 1 and argv[1] in _subcommands():
+            return int(_subcommands()[argv[1]](argv[2:]) or 0)
+        _dispatch(_parse(argv))
+    except Exception as err:
+        return _report(err, argv)
+    return 0
+
+
+def _report(err: Exception, argv: list[str]) -> int:
+    """The exit status of a failed run, after its one-line report; re-raises real bugs."""
+    if isinstance(err, UsageError):
         return _error(str(err), 2)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
+    if isinstance(err, (ValueError, FileNotFoundError)):
         # ConfigError is a ValueError: the drivers' one-line reports of user mistakes
         return _error(_first_line(err), 2)
-    except ModuleNotFoundError as err:
-        if err.name and err.name.startswith("scoreflow"):
-            return _error(f"this mode is not available: module {err.name} is missing", 2)
-        raise
-    except NotImplementedError as err:
+    if isinstance(err, ModuleNotFoundError) and (err.name or "").startswith("scoreflow"):
+        what = argv[1] if len(argv) > 1 and argv[1] in _subcommands() else "this mode"
+        return _error(f"{what} is not available: module {err.name} is missing", 2)
+    if isinstance(err, NotImplementedError):
         return _error(f"not supported: {_first_line(err)}", 2)
-    except Exception as err:
-        from scoreflow.train import TrainingDivergedError
+    # by now torch is loaded, so these imports cost nothing
+    from scoreflow.checkpoints import CheckpointError
+    from scoreflow.train import TrainingDivergedError
 
-        if isinstance(err, TrainingDivergedError):
-            return _error(_first_line(err), 1)
-        raise
-    return 0
+    if isinstance(err, CheckpointError):
+        return _error(_first_line(err), 2)
+    if isinstance(err, TrainingDivergedError):
+        return _error(_first_line(err), 1)
+    raise err
 
 
 def _error(message: str, status: int) -> int:
