@@ -132,20 +132,26 @@ def preprocess(
     generator: torch.Generator | None,
     uniform_dequantization: bool = False,
     random_flip: bool = False,
+    block: tuple[int, int] | None = None,
 ) -> Tensor:
     """uint8 images (batch, C, H, W) -> float model-space inputs of the same shape.
 
     x / 255 in [0, 1], or with uniform dequantisation (x + u) / 256 with u ~ U[0, 1); a
     horizontal flip of each image with probability 1/2; then ``scaler`` (e.g. to [-1, 1]).
+    ``block = (start, global_batch)``: ``x`` is rows ``start : start + batch`` of a global batch
+    (a distributed rank's shard); u and the flips are then drawn for the whole global batch and
+    this block kept, so the result does not depend on how the batch is split over ranks.
     """
     x = x.float()
+    start, rows = (0, x.shape[0]) if block is None else block
+    keep = slice(start, start + x.shape[0])
     if uniform_dequantization:
-        u = torch.rand(x.shape, generator=generator, device=x.device)
-        x = (x + u) / 256.0
+        u = torch.rand((rows,) + x.shape[1:], generator=generator, device=x.device)
+        x = (x + u[keep]) / 256.0
     else:
         x = x / 255.0
     if random_flip:
-        flip = torch.rand((x.shape[0],), generator=generator, device=x.device) < 0.5
+        flip = torch.rand((rows,), generator=generator, device=x.device)[keep] < 0.5
         x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(-1), x)
     return scaler(x)
 
@@ -160,19 +166,38 @@ def learning_rate(step: int, base_lr: float, warmup: int) -> float:
     return base_lr * min(step / warmup, 1.0)
 
 
-def _random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+def _global_rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """The generators (equal on every rank) and each rank's global RNGs (a collective call)."""
+    ranks = distributed.all_gather_object(_global_rng_state())
+    state: dict[str, Any] = {**ranks[0], "ranks": ranks}
     for name, gen in generators.items():
         state[name] = gen.get_state()
     return state
 
 
-def _set_random_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _set_random_state(
+    state: dict[str, Any], generators: dict[str, torch.Generator], seed: int, step: int
+) -> None:
+    """Restore the generators and this rank's global RNGs (dropout).
+
+    Rank r takes the global RNGs rank r saved; a rank the interrupted run did not have (a resume
+    on more ranks) seeds them from (seed, step, rank) instead.
+    """
+    ranks = state.get("ranks", [{k: state[k] for k in ("torch", "cuda") if k in state}])
+    if distributed.rank() < len(ranks):
+        mine = ranks[distributed.rank()]
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda"])
+    else:
+        torch.manual_seed(distributed.rank_seed(seed, step, distributed.rank()))
     for name, gen in generators.items():
         gen.set_state(state[name])
 
@@ -239,7 +264,11 @@ def _snapshot_sampling(config, sde, model: nn.Module, ema: EMA, step: int, workd
 
 
 def _device_options(config, model: nn.Module, device: torch.device):
-    """Apply training.channels_last / compile; return (model to call, autocast context factory)."""
+    """Apply training.channels_last, DDP (under a process group), training.compile.
+
+    Returns (model to call in training, autocast context factory). ``model`` itself stays the
+    unwrapped network (its parameters are shared with the returned one).
+    """
     training = config.training
     on_gpu = device.type == "cuda"
     if training.channels_last:
@@ -247,10 +276,10 @@ def _device_options(config, model: nn.Module, device: torch.device):
             model = model.to(memory_format=torch.channels_last)
         else:
             log.info("training.channels_last has no effect on %s; ignored", device)
-    call_model: nn.Module = model
+    call_model: nn.Module = distributed.wrap_ddp(model, device)
     if training.compile:
         if on_gpu:
-            call_model = torch.compile(model)  # type: ignore[assignment]
+            call_model = torch.compile(call_model)  # type: ignore[assignment]
         else:
             log.info("training.compile is only used on GPUs; running eagerly on %s", device)
     if training.amp and not on_gpu:
@@ -272,13 +301,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    distributed.init(config.device)  # first, so that only rank 0 writes the log file
     records.setup_logging(workdir / "stdout.txt")
     factory.check_config(config)
-    distributed.init(config.device)
-    if distributed.world_size() > 1:
-        raise NotImplementedError(
-            "multi-process training is not implemented yet: gradients would not be averaged "
-            "across ranks; run on one process"
+    world = distributed.world_size()
+    if config.training.batch_size % world:
+        raise factory.ConfigError(
+            f"training.batch_size {config.training.batch_size} is not divisible by the "
+            f"{world} processes: each rank takes an equal share of the global batch"
         )
     device = distributed.default_device(config.device)
     training, optim = config.training, config.optim
@@ -296,7 +326,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
     log.info("SDE %s, weighting %s, eps %g", training.sde, weighting, eps)
     if sampler is not None:
         log.info("importance sampling of t: normaliser Z = %.4f", sampler.normalizer)
-    # (a multi-GPU run would wrap the model in DistributedDataParallel here)
+    if distributed.rank() > 0:
+        # every rank starts from the same weights; dropout masks differ between ranks
+        torch.manual_seed(distributed.rank_seed(seed, 0, distributed.rank()))
+    if world > 1:
+        log.info("DistributedDataParallel over %d processes, %d images each", world,
+                 training.batch_size // world)  # fmt: skip
     ema = EMA(model, config.model.ema_rate)
     optimizer = torch.optim.Adam(
         model.parameters(),
@@ -307,9 +342,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
     )
     if optim.optimizer != "Adam":
         raise factory.ConfigError(f"optimizer {optim.optimizer!r} is not supported; use Adam")
+    # equal on every rank: each draws the noise of the whole global batch and keeps its block
     generators = {
-        "data": torch.Generator(device=device).manual_seed(seed + 1 + distributed.rank()),
-        "noise": torch.Generator(device=device).manual_seed(seed + 2 + distributed.rank()),
+        "data": torch.Generator(device=device).manual_seed(seed + 1),
+        "noise": torch.Generator(device=device).manual_seed(seed + 2),
     }
 
     # the data
@@ -335,7 +371,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        _set_random_state(state["random"], generators)
+        _set_random_state(state["random"], generators, seed, int(state["step"]))
         step = int(state["step"])
         if state.get("batch_size") != training.batch_size:
             log.warning(
@@ -354,6 +390,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
 
     call_model, autocast = _device_options(config, model, device)
     channels_last = training.channels_last and device.type == "cuda"
+    # this rank's rows of the global batch (all of it on one process)
+    shard = distributed.shard_indices(training.batch_size)
+    block = (shard.start, training.batch_size)
 
     def to_model_space(batch: Tensor) -> Tensor:
         x = preprocess(
@@ -362,23 +401,37 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
             generators["data"],
             config.data.uniform_dequantization,
             config.data.random_flip,
+            block,
         )
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-    def loss_of(x: Tensor, generator: torch.Generator) -> Tensor:
+    def loss_of(
+        x: Tensor, generator: torch.Generator, net: nn.Module, in_block: bool = False
+    ) -> Tensor:
+        """Batch-mean DSM loss of ``x``; ``in_block``: x is this rank's block of the global
+        batch, whose t and z are drawn whole (in dsm_loss's order) and this block's kept."""
+        t = z = None
+        if in_block:
+            start, total = block
+            rows = slice(start, start + x.shape[0])
+            t = losses.sample_times(
+                sde, total, weighting, eps, generator, x.device, x.dtype, sampler
+            )[rows]
+            z = torch.randn((total,) + x.shape[1:], generator=generator, device=x.device,
+                            dtype=x.dtype)[rows]  # fmt: skip
         with autocast():
             loss, _ = losses.dsm_loss(
-                sde, call_model, x, weighting, eps, training.reduce_mean, generator, sampler
+                sde, net, x, weighting, eps, training.reduce_mean, generator, sampler, t, z
             )
         return loss.float()
 
-    def save(folder: Path, number: int) -> Path:
+    def save(folder: Path, number: int, random_state: dict[str, Any]) -> Path:
         state = {
             "model": model.state_dict(),
             "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(),
             "step": step,
-            "random": _random_state(generators),
+            "random": random_state,
             "batch_size": training.batch_size,
             "data_position": list(order.position(step)),
             "seed": seed,
@@ -396,7 +449,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
             batch = torch.stack([test_set[int(i)] for i in eval_order.batch_indices(index)])
             gen = torch.Generator(device=device).manual_seed(seed + 10_000 + index)
             x = preprocess(batch.to(device), scaler, gen, config.data.uniform_dequantization)
-            loss = float(loss_of(x, gen))
+            loss = float(loss_of(x, gen, model))  # every rank alike, without DDP
             for p, b in zip(model.parameters(), backup, strict=True):
                 p.copy_(b)
             model.train()
@@ -416,10 +469,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
             lr = learning_rate(step + 1, optim.lr, optim.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = loss_of(x, generators["noise"])
-            if not torch.isfinite(loss):
+            loss = loss_of(x, generators["noise"], call_model, in_block=True)
+            # the global batch's loss (the mean of the ranks' equal-size block means), so that
+            # every rank takes the same decision below
+            global_loss = distributed.mean_over_ranks(loss.detach())
+            if not torch.isfinite(global_loss):
                 raise TrainingDivergedError(
-                    f"the training loss became {float(loss.detach())} at step {step + 1}; the last "
+                    f"the training loss became {float(global_loss)} at step {step + 1}; the last "
                     f"good checkpoint in {meta_dir} is untouched (lower optim.lr or check the data)"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -435,7 +491,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
                 now = time.perf_counter()
                 rate = (step - last_step) / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
-                loss_value, norm = float(loss.detach()), float(grad_norm)
+                loss_value, norm = float(global_loss), float(grad_norm)
                 log.info(
                     "step %d: loss %.5g, lr %.3g, grad norm %.3g, %.2f steps/s",
                     step, loss_value, lr, norm, rate,
@@ -464,12 +520,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
                     f"the weights are no longer finite at step {step}; not writing a checkpoint "
                     f"(the last good one in {meta_dir} is untouched)"
                 )
+            # every rank gathers the RNG states (a collective); only rank 0 writes
+            random_state = _random_state(generators) if preempt or snapshot else {}
             if preempt and distributed.is_main():
-                path = save(meta_dir, step)
+                path = save(meta_dir, step, random_state)
                 checkpoints.prune(meta_dir, KEEP_PREEMPTION)
                 log.debug("pre-emption checkpoint %s", path)
             if snapshot and distributed.is_main():
-                path = save(snapshot_dir, step // training.snapshot_freq)
+                path = save(snapshot_dir, step // training.snapshot_freq, random_state)
                 log.info("step %d: snapshot %s", step, path)
                 writer.flush()
                 _draw_curve(workdir)
