@@ -123,12 +123,23 @@ def _last_line(err: BaseException) -> str:
 
 
 def _dispatch(fv) -> None:
-    from scoreflow import factory
+    """Check the config, join the process group (under torchrun), run the driver, leave it."""
+    from scoreflow import distributed, factory
 
+    factory.check_config(fv.config)
+    distributed.init(fv.config.device)  # NCCL on GPUs, gloo on CPUs; nothing on one process
+    try:
+        _run_driver(fv, distributed.is_main())
+    finally:
+        distributed.destroy()
+
+
+def _run_driver(fv, is_main: bool) -> None:
     config, workdir, mode = fv.config, fv.workdir, fv.mode
-    factory.check_config(config)
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    (Path(workdir) / "config.json").write_text(json.dumps(json.loads(config.to_json()), indent=2))
+    if is_main:
+        text = json.dumps(json.loads(config.to_json()), indent=2)
+        (Path(workdir) / "config.json").write_text(text)
     if mode == "train":
         from scoreflow.train import train
 
