@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from scoreflow import checkpoints, distributed, factory, records
 from scoreflow.bound import negative_elbo
+from scoreflow.data import dataset_images
 from scoreflow.dequantization import UniformDequantizer, VariationalDequantizer
 from scoreflow.likelihood import bits_per_dim, bpd_offset, ode_likelihood
 from scoreflow.score import get_score_fn
@@ -332,7 +333,7 @@ def evaluate(
     if evaluation.enable_bpd:
         train_set, test_set = factory.get_datasets(config)
         dataset = test_set if evaluation.bpd_dataset == "test" else train_set
-        images = _all_images(dataset)
+        images = dataset_images(dataset)
         if evaluation.max_images > 0:
             images = images[: evaluation.max_images]
         data_source = getattr(dataset, "source", config.data.dataset)
@@ -422,14 +423,6 @@ def evaluate(
         _draw_curve(report, eval_dir)
     log.info("report written to %s", report_path)
     return report
-
-
-def _all_images(dataset) -> Tensor:
-    """Every image of ``dataset`` as a uint8 tensor (N, C, H, W)."""
-    images = getattr(dataset, "images", None)
-    if isinstance(images, Tensor):
-        return images
-    return torch.stack([dataset[i] for i in range(len(dataset))])
 
 
 def _draw_curve(report: dict[str, Any], eval_dir: Path) -> None:
