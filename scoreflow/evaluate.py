@@ -218,8 +218,19 @@ def _bpd_snapshot(
     suffix = f"_rank{distributed.rank()}" if distributed.world_size() > 1 else ""
     name = f"progress_ckpt_{ckpt}_{settings['method']}{suffix}.pt"
     progress = _Progress(eval_dir / name, settings, num_repeats, num_images, num_batches)
-    total = num_repeats * len(my_batches)
-    bar = records.progress(total=total, initial=progress.num_done(), desc=f"bpd ckpt {ckpt}")
+    my_images = min(my_batches.stop * batch_size, num_images) - my_batches.start * batch_size
+    done_images = sum(
+        min((b + 1) * batch_size, num_images) - b * batch_size
+        for r in range(num_repeats)
+        for b in my_batches
+        if progress.nfe[r, b] >= 0
+    )
+    bar = records.progress(
+        total=num_repeats * max(my_images, 0),
+        initial=done_images,
+        desc=f"bpd ckpt {ckpt}",
+        unit="image",
+    )
 
     for repeat in range(num_repeats):
         for b in my_batches:
@@ -239,7 +250,7 @@ def _bpd_snapshot(
 
             done = ~progress.nll.isnan()
             running = bits_per_dim((progress.nll + progress.log_q)[done].mean(), dim, offset_bits)
-            bar.update(1)
+            bar.update(hi - lo)
             bar.set_postfix(bpd=f"{float(running):.4f}", nfe=nfe)
     bar.close()
 
