@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,3 +187,168 @@ def test_bad_names_and_unsupported_combinations_raise():
         pc_sample(score_fn, sde, (2, 4), predictor="ancestral", corrector="none", num_steps=3)
     with pytest.raises(ValueError, match="num_steps > 21"):
         pc_sample(score_fn, VPSDE(), (2, 4), predictor="reverse_diffusion", num_steps=20)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampling driver: resumable rounds, rank independence, metrics plumbing
+
+
+class _TinyNoiseModel(torch.nn.Module):
+    """A stand-in score network: predicts the noise as a fixed fraction of x."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x, time_cond):
+        return self.scale * x
+
+
+class _FakeInception(torch.nn.Module):
+    """Fixed random projections of the pixels standing in for pool_3 and logits."""
+
+    convention = "pytorch_fid"
+    has_logits = True
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.features = torch.randn(64, 2048, generator=generator) / 8
+        self.classes = torch.randn(64, 1008, generator=generator) / 8
+
+    def forward(self, images):
+        flat = images.float().flatten(1) / 255
+        return flat @ self.features, flat @ self.classes
+
+
+def _driver_config(tmp_path):
+    from scoreflow.config_defaults import small_config
+
+    config = small_config("digits", "vpsde")
+    config.sampling.method = "pc"
+    config.sampling.predictor = "euler_maruyama"
+    config.sampling.corrector = "none"
+    config.sampling.num_steps = 8
+    config.sampling.batch_size = 4
+    config.eval.num_samples = 10
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, pool_3=np.random.default_rng(0).normal(size=(12, 2048)))
+    config.eval.stats_file = str(stats)
+    return config
+
+
+def test_sampling_eval_resumes_and_does_not_depend_on_the_number_of_ranks(tmp_path, monkeypatch):
+    from scoreflow import distributed, evaluate_sampling
+
+    config = _driver_config(tmp_path)
+    monkeypatch.setattr(evaluate_sampling, "_inception_or_none", lambda f, d: _FakeInception())
+    calls = []
+    real = evaluate_sampling._sample_batch
+
+    def counting(config, sde, model, n, generator, device):
+        calls.append(n)
+        return real(config, sde, model, n, generator, device)
+
+    monkeypatch.setattr(evaluate_sampling, "_sample_batch", counting)
+    sde, model = VPSDE(), _TinyNoiseModel()
+
+    result = evaluate_sampling.run_sampling_eval(config, sde, model, tmp_path / "one", 3)
+    assert calls == [4, 4, 2]
+    assert result["num_samples"] == 10 and result["nfe_mean"] == 8
+    rounds = [np.load(tmp_path / "one/samples_ckpt_3" / f"samples_{r}.npz") for r in range(3)]
+    images = np.concatenate([r["samples"] for r in rounds])
+    assert images.shape == (10, 1, 8, 8) and images.dtype == np.uint8
+    assert (tmp_path / "one/samples_ckpt_3/samples_2.png").is_file()
+
+    # Metrics against a direct computation from the stored images and the stats file.
+    pool, logits = _FakeInception()(torch.from_numpy(images))
+    ref = np.load(config.eval.stats_file)["pool_3"]
+    mu, sigma = metrics_stats(pool.double().numpy())
+    mu_ref, sigma_ref = metrics_stats(ref)
+    from scoreflow.metrics import frechet_distance, inception_score
+
+    assert result["fid"] == pytest.approx(frechet_distance(mu, sigma, mu_ref, sigma_ref), rel=1e-4)
+    assert result["inception_score"] == pytest.approx(
+        inception_score(logits.double().numpy(), splits=1)[0], rel=1e-4
+    )
+    assert result["kid"] is not None
+
+    # A killed run: round 1 lost. Only round 1 is sampled again, and to the same images.
+    (tmp_path / "one/samples_ckpt_3/samples_1.npz").unlink()
+    (tmp_path / "one/samples_ckpt_3/statistics_1.npz").unlink()
+    calls.clear()
+    again = evaluate_sampling.run_sampling_eval(config, sde, model, tmp_path / "one", 3)
+    assert calls == [4]
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "one/samples_ckpt_3/samples_1.npz")["samples"], rounds[1]["samples"]
+    )
+    assert again["fid"] == pytest.approx(result["fid"], rel=1e-6)
+
+    # Two ranks (run one after the other): rank r takes rounds r, r + 2, ...; same samples.
+    calls.clear()
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    for rank in (1, 0):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        two = evaluate_sampling.run_sampling_eval(config, sde, model, tmp_path / "two", 3)
+    assert sorted(calls) == [2, 4, 4]
+    for r in range(3):
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "two/samples_ckpt_3" / f"samples_{r}.npz")["samples"],
+            rounds[r]["samples"],
+        )
+    assert two["fid"] == pytest.approx(result["fid"], rel=1e-6)
+
+    # Changing the sampler makes stale rounds an error, not a silent mix.
+    config.sampling.num_steps = 9
+    with pytest.raises(ValueError, match="sampled with"):
+        evaluate_sampling.run_sampling_eval(config, sde, model, tmp_path / "one", 3)
+
+
+def metrics_stats(features):
+    from scoreflow.metrics import feature_statistics
+
+    return feature_statistics(features)
+
+
+def test_sampling_eval_without_inception_returns_samples_only(tmp_path, monkeypatch):
+    from scoreflow import evaluate_sampling, metrics
+
+    config = _driver_config(tmp_path)
+    config.eval.num_samples = 3
+    monkeypatch.setattr(metrics, "default_inception_path", lambda: None)
+    result = evaluate_sampling.run_sampling_eval(config, VPSDE(), _TinyNoiseModel(), tmp_path, 1)
+    assert result["num_samples"] == 3 and result["fid"] is None and result["kid"] is None
+
+
+def test_snapshot_samples_writes_grid_and_npz(tmp_path):
+    from scoreflow import evaluate_sampling
+
+    config = _driver_config(tmp_path)
+    config.sampling.method = "ode"
+    folder = evaluate_sampling.snapshot_samples(config, VPSDE(), _TinyNoiseModel(), 250, tmp_path)
+    assert folder == tmp_path / "samples" / "iter_250"
+    samples = np.load(folder / "sample.npz")["samples"]
+    assert samples.shape == (4, 1, 8, 8) and samples.dtype == np.uint8
+    assert (folder / "sample.png").is_file()
+
+
+def test_fid_stats_command(tmp_path, monkeypatch):
+    from scoreflow import evaluate_sampling, metrics
+
+    monkeypatch.setattr(metrics, "load_inception", lambda path, device: _FakeInception())
+    config_file = tmp_path / "digits.py"
+    config_file.write_text(
+        "from scoreflow.config_defaults import small_config\n"
+        "def get_config():\n    return small_config('digits', 'vpsde')\n"
+    )
+    out = tmp_path / "digits_stats.npz"
+    argv = ["--config", str(config_file), "--split", "test", "--output", str(out)]
+    assert evaluate_sampling.stats_main(argv + ["--max_images", "30"]) == 0
+    stats = np.load(out)
+    assert stats["pool_3"].shape == (30, 2048)
+    np.testing.assert_allclose(stats["mu"], stats["pool_3"].astype(np.float64).mean(0), rtol=1e-5)
+    assert stats["sigma"].shape == (2048, 2048)
+    with pytest.raises(FileNotFoundError, match="config file"):
+        evaluate_sampling.stats_main(["--config", str(tmp_path / "no.py"), "--output", str(out)])
+    with pytest.raises(ValueError, match="npz"):
+        evaluate_sampling.stats_main(["--config", str(config_file), "--output", "x.txt"])
