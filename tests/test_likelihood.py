@@ -26,9 +26,9 @@ from scoreflow.likelihood import (
     ode_likelihood,
 )
 from scoreflow.score import exact_gaussian_score_fn
-from scoreflow.sde import VPSDE, SubVPSDE
+from scoreflow.sde import VESDE, VPSDE, SubVPSDE
 
-CASES = [(VPSDE(), 1e-5), (SubVPSDE(), 1e-2)]
+CASES = [(VPSDE(), 1e-5), (SubVPSDE(), 1e-2), (VESDE(), 1e-5)]
 DTYPE = torch.float64
 
 
