@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import DIGITS_CONFIG, ROOT, cli_env, run_cli
+from conftest import DIGITS_CONFIG, ROOT, cli_args, cli_env, run_cli
 
 
 def _one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -75,3 +75,24 @@ def test_entry_points_agree(tmp_path):
             timeout=120,
         )  # fmt: skip
         _one_line_error(via_script, "unknown --mode")
+
+
+def test_diverging_run_exits_with_status_1_and_one_line(tmp_path):
+    from scoreflow import checkpoints
+
+    args = cli_args(
+        tmp_path,
+        **{
+            "optim.lr": 1e30,
+            "optim.warmup": 0,
+            "training.n_iters": 20,
+            "training.snapshot_freq_for_preemption": 1,
+        },
+    )
+    result = run_cli(args)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("scoreflow: error:")]
+    assert len(errors) == 1 and "the training loss became" in errors[0]
+    assert "Traceback" not in result.stderr
+    saved = checkpoints.list_checkpoints(tmp_path / "checkpoints-meta")
+    assert [n for n, _ in saved] == [1]  # written before the loss went bad; nothing after
