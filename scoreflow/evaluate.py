@@ -323,9 +323,9 @@ def evaluate(
     workdir = Path(workdir)
     eval_dir = workdir / eval_folder
     eval_dir.mkdir(parents=True, exist_ok=True)
+    distributed.init(config.device)  # first, so that only rank 0 writes the log file
     records.setup_logging(eval_dir / "evaluation_log.txt")
     factory.check_config(config)
-    distributed.init(config.device)
     device = distributed.default_device(config.device)
     evaluation = config.eval
 
