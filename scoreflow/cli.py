@@ -14,13 +14,15 @@ Tools, each with its own flags (``scoreflow convert --help``)::
 
 A user mistake (unknown flag or mode, missing config file, a bad ``--config.`` override,
 incompatible settings, a missing data or checkpoint file) ends the program with one line
-``scoreflow: error: ...`` on stderr and exit status 2; a run that diverged exits with 1.
+``scoreflow: error: ...`` on stderr and exit status 2; a run that diverged exits with 1, an
+interrupted one (Ctrl-C) with 130. ``SCOREFLOW_TRACEBACK=1`` shows full tracebacks instead.
 This module computes nothing: it parses, checks, writes ``<workdir>/config.json`` and dispatches.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -155,19 +157,28 @@ def _run_driver(fv, is_main: bool) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Run the command line on ``argv`` (default ``sys.argv``); returns the exit status."""
+    """Run the command line on ``argv`` (default ``sys.argv``); returns the exit status.
+
+    Set the environment variable ``SCOREFLOW_TRACEBACK=1`` to see the full traceback of an
+    error that would otherwise be reported in one line.
+    """
     argv = list(sys.argv if argv is None else argv)
     try:
         if len(argv) > 1 and argv[1] in _subcommands():
             return int(_subcommands()[argv[1]](argv[2:]) or 0)
         _dispatch(_parse(argv))
+    except KeyboardInterrupt:
+        return _error("interrupted; run the same command again to resume", 130)
     except Exception as err:
-        return _report(err, argv)
+        status = None if os.environ.get("SCOREFLOW_TRACEBACK") else _report(err, argv)
+        if status is None:
+            raise
+        return status
     return 0
 
 
-def _report(err: Exception, argv: list[str]) -> int:
-    """The exit status of a failed run, after its one-line report; re-raises real bugs."""
+def _report(err: Exception, argv: list[str]) -> int | None:
+    """The exit status of a failed run, after its one-line report; None for a real bug."""
     if isinstance(err, UsageError):
         return _error(str(err), 2)
     if isinstance(err, (ValueError, FileNotFoundError)):
@@ -186,7 +197,7 @@ def _report(err: Exception, argv: list[str]) -> int:
         return _error(_first_line(err), 2)
     if isinstance(err, TrainingDivergedError):
         return _error(_first_line(err), 1)
-    raise err
+    return None
 
 
 def _error(message: str, status: int) -> int:
