@@ -34,7 +34,7 @@ Two architectures of the paper's reference are reproduced: ``cifar10`` (4 flow b
 an invertible 1x1 convolution, 96 filters, 2 conv/attention blocks per coupling, 32 components,
 4 heads, context of 3 gated convolutions: about 3.47M parameters at 3x32x32) and ``imagenet32``
 (8 flow blocks without 1x1 convolutions, 128 filters, 8 conv/attention blocks per coupling,
-weight-normalised convolutions, context of 8 gated residual and attention blocks: about 35.46M
+weight-normalised convolutions, context of 8 gated residual and attention blocks: about 35.48M
 parameters). ``small`` is the ``cifar10`` layout with free widths, for CPU tests and demos.
 """
 
