@@ -310,6 +310,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
             f"training.batch_size {config.training.batch_size} is not divisible by the "
             f"{world} processes: each rank takes an equal share of the global batch"
         )
+    frequencies = ("log_freq", "eval_freq", "snapshot_freq", "snapshot_freq_for_preemption")
+    for name in ("n_iters",) + frequencies:
+        if config.training[name] < 1:
+            raise factory.ConfigError(f"training.{name} must be at least 1")
     device = distributed.default_device(config.device)
     training, optim = config.training, config.optim
     seed = config.seed

@@ -46,6 +46,11 @@ def test_help():
              "--config.training.importance_weighting=True"],
             "likelihood_weighting=True",
         ),
+        (
+            ["--config", DIGITS_CONFIG, "--workdir", "{w}", "--mode", "train",
+             "--config.training.eval_freq=0"],
+            "eval_freq must be at least 1",
+        ),
     ],
 )  # fmt: skip
 def test_user_mistakes_give_one_line_and_status_2(args, fragment, tmp_path):
