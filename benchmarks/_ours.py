@@ -98,7 +98,7 @@ def train_step(cfg, net: torch.nn.Module, lr: float, warmup: int):
         optimizer.step()
         ema.update(net)
         state["step"] += 1
-        return loss
+        return loss.detach()
 
     return step, state
 
