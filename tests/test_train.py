@@ -88,7 +88,13 @@ def test_each_weighting_trains_through_the_cli(weighting, flags, tmp_path):
     assert sorted(n for n, _ in checkpoints.list_checkpoints(tmp_path / "checkpoints")) == [1, 2]
     assert [n for n, _ in checkpoints.list_checkpoints(tmp_path / "checkpoints-meta")] == [35, 40]
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
-    assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = {"loss", "eval_loss", "lr", "grad_norm", "steps_per_sec"}
+    assert tags <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval_loss")] == [20, 40]
 
 
 def test_cpu_noop_options_and_sampling_hook_leave_training_unchanged(tmp_path, monkeypatch):
