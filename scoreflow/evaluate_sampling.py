@@ -18,8 +18,10 @@ type: CPU and CUDA generators draw different numbers).
 
 FID and KID compare the samples' pool_3 features with reference statistics: ``eval.stats_file``
 (an npz with ``mu`` and ``sigma`` and/or raw ``pool_3`` features, such as the official
-``cifar10_stats.npz``), or else statistics of the data set's training split, computed once by
-the same network and cached as ``<eval_dir>/data_stats_<dataset>_train_<network>.npz``. The
+``cifar10_stats.npz``); else, for CIFAR-10 and ImageNet, the official file where the reference
+keeps it (``assets/stats/cifar10_stats.npz``, ``assets/stats/imagenet32_stats.npz``) if present;
+else statistics of the data set's training split, computed once by the same network and cached
+as ``<eval_dir>/data_stats_<dataset>_train_<network>.npz``. The
 training split is the FID convention for CIFAR-10 (50,000 images), and it is the split the
 official statistics files were made from. The Inception score needs logits, which only
 pytorch-fid's weights provide (``eval.inception_file``); see :mod:`scoreflow.metrics`.
@@ -226,12 +228,29 @@ def _load_stats_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return stats
 
 
+def _official_stats_path(config) -> Path | None:
+    """``assets/stats/cifar10_stats.npz`` or ``imagenet<size>_stats.npz`` (relative to the
+    working directory, where the reference keeps them), or None for other data sets."""
+    name = config.data.dataset.lower()
+    if name == "cifar10":
+        return Path("assets/stats/cifar10_stats.npz")
+    if name == "imagenet":
+        return Path(f"assets/stats/imagenet{config.data.image_size}_stats.npz")
+    return None
+
+
 def _reference_statistics(
     config, net: metrics.InceptionFeatures, eval_dir: Path
 ) -> tuple[dict[str, np.ndarray], str]:
-    """The reference statistics and where they came from (file or cached training split)."""
+    """The reference statistics and where they came from: ``eval.stats_file``, else the official
+    file at its reference location ``assets/stats/`` (CIFAR-10, ImageNet) if present, else the
+    training split (computed once, cached in ``eval_dir``)."""
     if config.eval.stats_file:
         return _load_stats_file(config.eval.stats_file), str(config.eval.stats_file)
+    official = _official_stats_path(config)
+    if official is not None and official.is_file():
+        log.info("FID reference statistics: %s", official)
+        return _load_stats_file(official), str(official)
     tag = _network_tag(net, config.eval.inception_file)
     cache = eval_dir / f"data_stats_{config.data.dataset}_train_{tag}.npz"
     if not cache.is_file():
