@@ -220,7 +220,7 @@ def _append_curve(workdir: Path, step: int, loss: float | None, eval_loss: float
         if new:
             writer.writerow(["step", "loss", "eval_loss"])
         writer.writerow(
-            [step, "" if loss is None else f"{loss:.6g}", "" if eval_loss is None else eval_loss]
+            [step] + ["" if value is None else f"{value:.6g}" for value in (loss, eval_loss)]
         )
 
 
