@@ -84,9 +84,10 @@ def frechet_distance(
 
     d^2 = ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
 
-    The matrix square root is scipy's ``sqrtm``; when it is not finite (a singular product, e.g.
-    fewer samples than dimensions) ``eps`` I is added to both covariances, and a complex result
-    from round-off keeps its real part (an imaginary part above 1e-3 of the diagonal raises).
+    The matrix square root is scipy's ``sqrtm``; when it is not finite or scipy reports the
+    product singular (e.g. fewer samples than dimensions) ``eps`` I is added to both
+    covariances, and a complex result from round-off keeps its real part (an imaginary part
+    above 1e-3 on the diagonal raises).
     """
     from scipy import linalg
 
@@ -103,8 +104,11 @@ def frechet_distance(
         )
     diff = mu1 - mu2
 
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+    singular = any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
+    if singular or not np.isfinite(covmean).all():
         logger.warning("FID: singular covariance product; adding %g to the diagonals", eps)
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
