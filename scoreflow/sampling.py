@@ -67,6 +67,24 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def _initial_state(
+    sde: SDE,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+    prior_sample: Tensor | None,
+) -> Tensor:
+    """x_T: ``prior_sample`` if given, else a prior draw from ``generator`` (any device)."""
+    if prior_sample is not None:
+        return prior_sample.to(device=device or prior_sample.device, dtype=dtype)
+    device = torch.device(device) if device is not None else None
+    if generator is not None and device is not None and generator.device.type != device.type:
+        x = sde.prior_sampling(shape, generator=generator, device=generator.device, dtype=dtype)
+        return x.to(device)
+    return sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+
+
 def reverse_drift(
     sde: SDE, score_fn: ScoreFn, x: Tensor, t: Tensor, probability_flow: bool = False
 ) -> Tensor:
@@ -123,10 +141,7 @@ def ode_sample(
     """
     from torchdiffeq import odeint
 
-    if prior_sample is None:
-        x_T = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
-    else:
-        x_T = prior_sample.to(device=device or prior_sample.device, dtype=dtype)
+    x_T = _initial_state(sde, shape, generator, device, dtype, prior_sample)
     batch = x_T.shape[0]
     evaluations = [0]
 
@@ -296,10 +311,7 @@ def pc_sample(
             f"num_steps > {1 + (sde.T - eps) * sde.beta_max:.0f}; got num_steps={num_steps}"
         )
 
-    if prior_sample is None:
-        x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
-    else:
-        x = prior_sample.to(device=device or prior_sample.device, dtype=dtype)
+    x = _initial_state(sde, shape, generator, device, dtype, prior_sample)
     times = torch.linspace(sde.T, eps, num_steps, device=x.device, dtype=torch.float64)
     nfe = 0
     x_mean = x
@@ -318,5 +330,5 @@ def pc_sample(
         x, x_mean = predictor_step(
             predictor, sde, score_fn, x, t, step, generator, probability_flow
         )
-        nfe += predictor != "none"
+        nfe += 0 if predictor == "none" else 1
     return (x_mean if denoise else x), nfe
