@@ -310,15 +310,18 @@ def run_sampling_eval(
     for r in records.progress(my_rounds, desc=f"sampling ckpt {ckpt_id}"):
         n = min(batch, num_samples - r * batch)
         npz = sample_dir / f"samples_{r}.npz"
-        if npz.is_file():
-            images = _load_round_npz(npz, sampler)["samples"]
-        else:
+        stats_path = sample_dir / f"statistics_{r}.npz"
+        images = _load_round_npz(npz, sampler)["samples"] if npz.is_file() else None
+        if images is not None and len(images) != n:
+            log.info("round %d holds %d samples, not %d: sampling it again", r, len(images), n)
+            images = None
+            stats_path.unlink(missing_ok=True)
+        if images is None:
             generator = round_generator(config.seed, ckpt_id, r, device)
             images, nfe = _sample_batch(config, sde, model, n, generator, device)
             _savez_atomic(npz, samples=images, nfe=nfe, sampler=np.array(sampler))
             records.save_image_grid(images, sample_dir / f"samples_{r}.png")
             log.info("ckpt %d round %d/%d: %d samples, NFE %d", ckpt_id, r + 1, num_rounds, n, nfe)
-        stats_path = sample_dir / f"statistics_{r}.npz"
         if net is not None and not stats_path.is_file():
             pool_3, logits = metrics.compute_inception_outputs(net, images, batch_size=100)
             arrays = {"pool_3": pool_3.astype(np.float32)}

