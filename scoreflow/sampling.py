@@ -101,7 +101,9 @@ def reverse_drift(
 def _denoise_step(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float) -> Tensor:
     """Mean of one reverse-diffusion step from t = eps to t = 0 (no noise)."""
     t = torch.full((x.shape[0],), eps, device=x.device, dtype=x.dtype)
-    _, x_mean = predictor_step("reverse_diffusion", sde, score_fn, x, t, step=eps, generator=None)
+    _, x_mean = predictor_step(
+        "reverse_diffusion", sde, score_fn, x, t, step=eps, generator=None, to_zero=True
+    )
     return x_mean
 
 
@@ -172,12 +174,15 @@ def predictor_step(
     step: float,
     generator: torch.Generator | None,
     probability_flow: bool = False,
+    to_zero: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One predictor move from time ``t`` (batch,) to t - ``step``.
 
     Returns ``(x_next, x_mean)``, both shaped like ``x``: the new state and its noise-free mean.
     The formulas are in the module docstring. ``probability_flow`` makes Euler-Maruyama and
     reverse diffusion follow the probability-flow ODE (no noise; half the score term).
+    ``to_zero`` marks a step that ends at (or below) t = 0: the VE chain's previous noise level
+    is then exactly 0, so its mean is Tweedie's x + sigma(t)^2 s.
     """
     if predictor == "none":
         return x, x
@@ -188,7 +193,7 @@ def predictor_step(
         g = _expand(sde.diffusion(t), x)
         return x_mean + g * step**0.5 * _randn_like(x, generator), x_mean
     if predictor == "reverse_diffusion":
-        forward_f, forward_g = sde.discretize(x, t, sde.T / step)
+        forward_f, forward_g = _forward_step(sde, x, t, step, to_zero)
         g2 = _expand(forward_g**2, x)
         if probability_flow:
             x_mean = x - forward_f + 0.5 * g2 * score_fn(x, t)
@@ -196,8 +201,21 @@ def predictor_step(
         x_mean = x - forward_f + g2 * score_fn(x, t)
         return x_mean + g2.sqrt() * _randn_like(x, generator), x_mean
     if predictor == "ancestral":
-        return _ancestral_step(sde, score_fn, x, t, step, generator, probability_flow)
+        return _ancestral_step(sde, score_fn, x, t, step, generator, probability_flow, to_zero)
     raise ValueError(f"unknown predictor {predictor!r}: choose one of {', '.join(PREDICTORS)}")
+
+
+def _forward_step(
+    sde: SDE, x: Tensor, t: Tensor, step: float, to_zero: bool
+) -> tuple[Tensor, Tensor]:
+    """(F, G) of the forward chain's step from t - ``step`` to t (``sde.discretize``).
+
+    With ``to_zero`` the step starts at time 0: for VE the previous noise level is then 0, so
+    G = sigma(t) exactly (discretize would see t - step as a round-off above 0).
+    """
+    if to_zero and isinstance(sde, VESDE):
+        return torch.zeros_like(x), sde.marginal_coefs(t)[1]
+    return sde.discretize(x, t, sde.T / step)
 
 
 def _ancestral_step(
@@ -208,6 +226,7 @@ def _ancestral_step(
     step: float,
     generator: torch.Generator | None,
     probability_flow: bool,
+    to_zero: bool,
 ) -> tuple[Tensor, Tensor]:
     """DDPM (VP) or SMLD (VE) ancestral step; see the module docstring."""
     if probability_flow:
@@ -216,12 +235,12 @@ def _ancestral_step(
             "probability-flow form: use euler_maruyama or reverse_diffusion"
         )
     if isinstance(sde, VPSDE):
-        b = _expand(sde.discretize(x, t, sde.T / step)[1] ** 2, x)
+        b = _expand(_forward_step(sde, x, t, step, to_zero)[1] ** 2, x)
         x_mean = (x + b * score_fn(x, t)) / torch.sqrt(1.0 - b)
         return x_mean + b.sqrt() * _randn_like(x, generator), x_mean
     if isinstance(sde, VESDE):
         sigma2 = _expand(sde.marginal_coefs(t)[1] ** 2, x)
-        jump2 = _expand(sde.discretize(x, t, sde.T / step)[1] ** 2, x)
+        jump2 = _expand(_forward_step(sde, x, t, step, to_zero)[1] ** 2, x)
         prev2 = (sigma2 - jump2).clamp(min=0.0)
         x_mean = x + jump2 * score_fn(x, t)
         std = torch.sqrt(prev2 * jump2 / sigma2)
@@ -321,14 +340,17 @@ def pc_sample(
         from scoreflow.records import progress
 
         steps = progress(steps, desc="PC sampling", leave=False)
+    # The last step, at t = eps, reaches t = 0 when h >= eps (up to round-off).
+    last_to_zero = eps <= step * (1 + 1e-6)
     for i in steps:
         t = times[i].to(x.dtype).expand(x.shape[0])
         if corrector == "langevin":
             for _ in range(n_steps_each):
                 x, x_mean = langevin_step(sde, score_fn, x, t, snr, step, generator)
                 nfe += 1
+        to_zero = last_to_zero and i == num_steps - 1
         x, x_mean = predictor_step(
-            predictor, sde, score_fn, x, t, step, generator, probability_flow
+            predictor, sde, score_fn, x, t, step, generator, probability_flow, to_zero
         )
         nfe += 0 if predictor == "none" else 1
     return (x_mean if denoise else x), nfe

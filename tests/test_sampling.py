@@ -360,3 +360,28 @@ def test_fid_stats_command(tmp_path, monkeypatch):
         evaluate_sampling.stats_main(["--config", str(tmp_path / "no.py"), "--output", str(out)])
     with pytest.raises(ValueError, match="npz"):
         evaluate_sampling.stats_main(["--config", str(config_file), "--output", "x.txt"])
+
+
+@pytest.mark.parametrize("predictor", ["reverse_diffusion", "ancestral"])
+def test_ve_step_to_zero_is_tweedie(predictor):
+    """A VE step that ends at t = 0 moves x by sigma(t)^2 s, the posterior mean E[x_0 | x_t]."""
+    sde = VESDE()
+    score_fn = exact_gaussian_score_fn(sde, MEAN.float(), VAR.float())
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(6))
+    t = torch.full((6,), 1e-3)
+    x_next, x_mean = predictor_step(predictor, sde, score_fn, x, t, 1e-3, None, to_zero=True)
+    sigma2 = sde.marginal_coefs(t)[1][:, None] ** 2
+    torch.testing.assert_close(x_mean, x + sigma2 * score_fn(x, t))
+    if predictor == "ancestral":
+        torch.testing.assert_close(x_next, x_mean)  # no noise left at sigma = 0
+
+
+def test_ve_ode_denoising_is_tweedie():
+    sde = VESDE()
+    score_fn = exact_gaussian_score_fn(sde, MEAN.float(), VAR.float())
+    x_T = sde.prior_sampling((32, 4), generator=torch.Generator().manual_seed(7))
+    x_eps, _ = ode_sample(score_fn, sde, (32, 4), eps=1e-3, denoise=False, prior_sample=x_T)
+    x_0, _ = ode_sample(score_fn, sde, (32, 4), eps=1e-3, denoise=True, prior_sample=x_T)
+    sigma2 = sde.marginal_coefs(torch.tensor([1e-3]))[1] ** 2
+    t = torch.full((32,), 1e-3)
+    torch.testing.assert_close(x_0, x_eps + sigma2 * score_fn(x_eps, t))
