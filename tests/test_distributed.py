@@ -9,6 +9,7 @@ of their last pre-emption checkpoint. The runs go through ``torchrun -m scoreflo
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -243,3 +244,17 @@ def test_two_process_evaluation_gives_the_same_bits_per_dim(one_process):
     )
     for key in ("bpd", "bpd_stderr", "nfe_mean", "num_images"):
         assert rb[key] == pytest.approx(ra[key], rel=1e-6), key
+
+
+def test_gpu_checks_script_passes_on_the_cpu(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks/gpu_checks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    out = tmp_path / "c.json"
+    assert module.main(["--device", "cpu", "--repeats", "0", "--out", str(out)]) == 0
+    rows = {row["option"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["channels_last"]["status"] == "pass"
+    assert rows["channels_last"]["loss_rel_error"] <= 1e-5
+    assert rows["bf16"]["status"].startswith("skipped")
+    assert "| channels_last |" in capsys.readouterr().out
