@@ -21,6 +21,15 @@ is a pure function of (seed, epoch) (:class:`EpochOrder`), so the position in th
 step itself. Evaluation and snapshot sampling run under their own random state and leave the
 training's untouched. On GPUs cuDNN may pick non-deterministic kernels, so a resumed run there is
 equal in distribution, not necessarily in every bit.
+
+Under ``torchrun`` (docs/distributed.md) the network is wrapped in DistributedDataParallel and
+rank r of N takes the contiguous block r of every global batch of ``training.batch_size``
+(which N must divide). The ``data`` and ``noise`` generators are equal on every rank: each rank
+draws the dequantisation noise, flips, t and z of the whole global batch and keeps its block, so
+N ranks compute the same per-example losses as one process, and DDP's gradient average (a mean
+of equal-size block means) is the one-process gradient. Weights, EMA and generators therefore
+stay equal on all ranks; rank 0 alone writes files. A checkpoint also keeps every rank's global
+RNG (dropout), so a run resumes on the same or another number of ranks.
 """
 
 from __future__ import annotations
