@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
+from torch import nn
 
 from scoreflow import checkpoints, data, factory, records
 from scoreflow.ema import EMA
 from scoreflow.likelihood import bits_per_dim, bpd_offset, ode_likelihood
 from scoreflow.score import get_score_fn
+from scoreflow.sde import VPSDE
 from scoreflow.train_deq import (
     dequantization_loss,
     load_frozen_score_model,
@@ -151,34 +153,64 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeyp
                 assert torch.equal(value, b[part][key]), (part, key)
 
 
+class MixtureNoiseModel(nn.Module):
+    """The exact noise prediction -std(t) grad log p_t for VP-diffused data whose pixels are
+    independent Gaussian mixtures: weights w_k, means m_k (model space), common std s0.
+
+    p_t is then per pixel sum_k w_k N(alpha m_k, alpha^2 s0^2 + std^2): a frozen score model with
+    a closed form whose density has structure inside each 1/256 bin (peaks at the levels
+    x / 255), which a trained dequantiser can exploit and uniform noise cannot.
+    """
+
+    def __init__(self, means: torch.Tensor, weights: torch.Tensor, data_std: float):
+        super().__init__()
+        self.sde = VPSDE()
+        self.register_buffer("means", means)
+        self.register_buffer("log_weights", weights.log())
+        self.log_data_std = nn.Parameter(torch.tensor(math.log(data_std)))
+
+    def forward(self, x: torch.Tensor, time_cond: torch.Tensor) -> torch.Tensor:
+        alpha, std = self.sde.marginal_coefs(time_cond / 999)
+        alpha, std = alpha.view(-1, 1, 1, 1, 1), std.view(-1, 1, 1, 1, 1)
+        var = alpha**2 * torch.exp(2 * self.log_data_std) + std**2
+        diff = x.unsqueeze(-1) - alpha * self.means
+        responsibility = torch.softmax(self.log_weights - diff**2 / (2 * var), dim=-1)
+        score = -(responsibility * diff / var).sum(dim=-1)
+        return -std[..., 0] * score
+
+
 def _ode_bpd(
     score_fn, sde, x: torch.Tensor, u: torch.Tensor, log_q: torch.Tensor, scaler, seed: int
 ) -> torch.Tensor:
     """Bits/dim of uint8 images x dequantised by u, through the probability-flow ODE."""
     gen = torch.Generator().manual_seed(seed)
     result = ode_likelihood(
-        score_fn, sde, scaler((x + u) / 256), eps=1e-5, rtol=1e-5, atol=1e-5, generator=gen
+        score_fn, sde, scaler((x + u) / 256), eps=1e-5, rtol=1e-4, atol=1e-4, generator=gen
     )
     return bits_per_dim(-result.logp + log_q, x[0].numel(), 7.0)
 
 
-@pytest.mark.slow
-def test_trained_dequantizer_beats_uniform_under_the_ode(tmp_path, no_progress):
-    """Train a tiny score model, then a dequantiser against it; under the ODE likelihood the
-    trained q gives fewer bits/dim than uniform noise on the same held-out images."""
-    from scoreflow.train import train
-
-    steps = 300
+def test_trained_dequantizer_beats_uniform_under_the_ode(tmp_path, monkeypatch, no_progress):
+    """Train a dequantiser against a frozen score model (the exact score of a pixelwise mixture
+    fitted to the digits' grey levels); under the probability-flow ODE the trained q gives fewer
+    bits/dim than uniform noise on the same held-out images (measured: about 1.0 bit/dim)."""
     config = deq_config(**{
-        "training.n_iters": steps, "training.batch_size": 64, "training.snapshot_freq": steps,
-        "training.snapshot_freq_for_preemption": steps, "training.log_freq": 100,
-        "training.eval_freq": 10 * steps, "model.nf": 16, "optim.lr": 2e-3,
-        "deq.n_iters": 300, "deq.batch_size": 32, "deq.lr": 2e-3, "deq.warmup": 20,
-        "deq.ema_rate": 0.9, "deq.log_freq": 50, "deq.eval_freq": 100,
-        "deq.snapshot_freq": 300, "deq.snapshot_freq_for_preemption": 300,
+        "deq.n_iters": 150, "deq.batch_size": 32, "deq.lr": 2e-3, "deq.warmup": 10,
+        "deq.ema_rate": 0.9, "deq.log_freq": 50, "deq.eval_freq": 150,
+        "deq.snapshot_freq": 150, "deq.snapshot_freq_for_preemption": 150,
     })  # fmt: skip
-    config.model.init_scale = 0.0
-    train(config, tmp_path)
+    train_set, test_set = factory.get_datasets(config)
+    levels, counts = torch.unique(data.dataset_images(train_set), return_counts=True)
+    scaler, _ = factory.data_scaler(config)
+
+    def mixture_model(_config):
+        return MixtureNoiseModel(scaler(levels.float() / 255), counts / counts.sum(), 2e-3)
+
+    monkeypatch.setattr(factory, "get_model", mixture_model)
+    model = mixture_model(config)
+    state = {"model": model.state_dict(), "ema": EMA(model, 0.9).state_dict(), "optimizer": {},
+             "step": 0}  # fmt: skip
+    checkpoints.save_atomic(state, tmp_path / "checkpoints" / "checkpoint_1.pth")
     train_deq(config, tmp_path)
 
     sde = factory.get_sde(config)
@@ -189,25 +221,19 @@ def test_trained_dequantizer_beats_uniform_under_the_ode(tmp_path, no_progress):
     )
     checkpoints.restore_ema_weights(flow, state)
     flow.eval()
-    scaler, _ = factory.data_scaler(config)
-    x = data.dataset_images(factory.get_datasets(config)[1])[:64].float()
+    x = data.dataset_images(test_set)[:64].float()
 
     gains = []
     for repeat in range(2):
         gen = torch.Generator().manual_seed(100 + repeat)
         uniform = _ode_bpd(
-            score_fn,
-            sde,
-            x,
-            torch.rand(x.shape, generator=gen),
-            torch.zeros(x.shape[0]),
-            scaler,
-            repeat,
-        )
+            score_fn, sde, x, torch.rand(x.shape, generator=gen), torch.zeros(x.shape[0]),
+            scaler, repeat,
+        )  # fmt: skip
         with torch.no_grad():
             u, log_q = flow.sample(x / 255, gen)
         variational = _ode_bpd(score_fn, sde, x, u, log_q, scaler, repeat)
         gains.append(uniform - variational)
     gain = torch.stack(gains).mean(0)
     stderr = float(gain.std()) / math.sqrt(gain.numel())
-    assert float(gain.mean()) > 3 * stderr, (float(gain.mean()), stderr)
+    assert float(gain.mean()) > max(0.2, 5 * stderr), (float(gain.mean()), stderr)
