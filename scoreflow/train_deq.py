@@ -124,14 +124,28 @@ def _learning_rate(step: int, base_lr: float, warmup: int) -> float:
 
 
 def _random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """Rank 0's random state, plus every rank's under "ranks" (a collective call)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     state.update({name: gen.get_state() for name, gen in generators.items()})
-    return state
+    ranks = distributed.all_gather_object(state)
+    return {**ranks[0], "ranks": ranks}
 
 
-def _set_random_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+def _set_random_state(
+    state: dict[str, Any], generators: dict[str, torch.Generator], seed: int, step: int
+) -> None:
+    """This rank's saved random state; a rank the saved run did not have seeds from
+    (seed, step, rank)."""
+    ranks = state.get("ranks", [state])
+    rank = distributed.rank()
+    if rank >= len(ranks):
+        torch.manual_seed(distributed.rank_seed(seed, step, rank))
+        for i, gen in enumerate(generators.values()):
+            gen.manual_seed(distributed.rank_seed(seed, step, rank, i + 1))
+        return
+    state = ranks[rank]
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -160,13 +174,13 @@ def train_deq(
     workdir = Path(workdir)
     deq_dir = workdir / deq_folder
     deq_dir.mkdir(parents=True, exist_ok=True)
+    distributed.init(config.device)  # first, so that only rank 0 writes the log file
     records.setup_logging(deq_dir / "stdout.txt")
     factory.check_config(config)
-    distributed.init(config.device)
-    if distributed.world_size() > 1:
-        raise NotImplementedError(
-            "multi-process dequantiser training is not implemented: gradients would not be "
-            "averaged across ranks; run on one process"
+    if config.deq.batch_size % distributed.world_size():
+        raise factory.ConfigError(
+            f"deq.batch_size {config.deq.batch_size} is not divisible by the "
+            f"{distributed.world_size()} processes: each rank takes an equal share of the batch"
         )
     device = distributed.default_device(config.device)
     deq, seed = config.deq, config.seed
@@ -217,7 +231,7 @@ def train_deq(
         dequantizer.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        _set_random_state(state["random"], generators)
+        _set_random_state(state["random"], generators, seed, int(state["step"]))
         step = int(state["step"])
         log.info("resumed from %s at step %d", path, step)
     log.info("snapshots go to %s, pre-emption checkpoints to %s", snapshot_dir, meta_dir)
@@ -225,20 +239,25 @@ def train_deq(
         log.info("dequantiser training already finished: step %d of %d", step, deq.n_iters)
         return
 
-    def loss_of(x_uint8: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    # under torchrun: DDP averages the gradients of the ranks' equal-size shards
+    call_deq = distributed.wrap_ddp(dequantizer, device)
+
+    def loss_of(
+        x_uint8: Tensor, generator: torch.Generator, net: nn.Module = dequantizer
+    ) -> tuple[Tensor, Tensor]:
         """(mean loss in nats, bpd per image) of a uint8 batch."""
         loss, _ = dequantization_loss(
-            dequantizer, score_fn, sde, x_uint8, scaler, eps, deq.offset, generator
+            net, score_fn, sde, x_uint8, scaler, eps, deq.offset, generator
         )
         return loss.mean(), bits_per_dim(loss.detach(), dim, offset)
 
-    def save(folder: Path, number: int) -> Path:
+    def save(folder: Path, number: int, random_state: dict[str, Any]) -> Path:
         state = {
             "model": dequantizer.state_dict(),
             "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(),
             "step": step,
-            "random": _random_state(generators),
+            "random": random_state,
             "batch_size": deq.batch_size,
             "seed": seed,
             "config": config.to_json(),
@@ -276,10 +295,12 @@ def train_deq(
             lr = _learning_rate(step + 1, deq.lr, deq.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, bpd = loss_of(x, generators["noise"])
-            if not torch.isfinite(loss):
+            loss, bpd = loss_of(x, generators["noise"], call_deq)
+            # over all ranks, so that every rank takes the same decision
+            global_loss = distributed.mean_over_ranks(loss.detach())
+            if not torch.isfinite(global_loss):
                 raise RuntimeError(
-                    f"the dequantiser loss became {float(loss.detach())} at step {step + 1}; the "
+                    f"the dequantiser loss became {float(global_loss)} at step {step + 1}; the "
                     f"last good checkpoint in {meta_dir} is untouched (lower deq.lr)"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -295,7 +316,8 @@ def train_deq(
                 now = time.perf_counter()
                 rate = (step - last_step) / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
-                train_bpd, norm = float(bpd.mean()), float(grad_norm)
+                train_bpd = float(distributed.mean_over_ranks(bpd.mean()))
+                norm = float(grad_norm)
                 log.info(
                     "step %d: train bpd %.5f, lr %.3g, grad norm %.3g, %.2f steps/s",
                     step,
@@ -314,11 +336,15 @@ def train_deq(
 
             # checkpoints
             last = step == deq.n_iters
-            if (step % deq.snapshot_freq_for_preemption == 0 or last) and distributed.is_main():
-                save(meta_dir, step)
+            preempt = step % deq.snapshot_freq_for_preemption == 0 or last
+            snapshot = step % deq.snapshot_freq == 0 or last
+            # every rank gathers the random states (a collective); rank 0 alone writes
+            random_state = _random_state(generators) if preempt or snapshot else {}
+            if preempt and distributed.is_main():
+                save(meta_dir, step, random_state)
                 checkpoints.prune(meta_dir, KEEP_PREEMPTION)
-            if (step % deq.snapshot_freq == 0 or last) and distributed.is_main():
-                path = save(snapshot_dir, step // deq.snapshot_freq)
+            if snapshot and distributed.is_main():
+                path = save(snapshot_dir, step // deq.snapshot_freq, random_state)
                 log.info("step %d: snapshot %s", step, path)
                 writer.flush()
     finally:
