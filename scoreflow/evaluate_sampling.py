@@ -8,7 +8,8 @@ Samples of snapshot k go to ``<eval_dir>/samples_ckpt_<k>/`` in rounds of
   ``sampler`` (a description of the sampler and its settings);
 - ``samples_<r>.png``: the round as an image grid;
 - ``statistics_<r>.npz``: the round's Inception ``pool_3`` (n, 2048) and, with pytorch-fid's
-  weights, ``logits`` (n, 1008).
+  weights, ``logits`` (n, 1008), with ``network`` naming the network (recomputed if it
+  changes).
 
 Every file is written atomically, and a round whose file exists is not sampled again, so a
 killed evaluation resumes where it stopped. The prior and step noise of round r come from a
@@ -305,6 +306,7 @@ def run_sampling_eval(
     my_rounds = list(range(distributed.rank(), num_rounds, distributed.world_size()))
 
     net = _inception_or_none(evaluation.inception_file, device)
+    tag = None if net is None else _network_tag(net, evaluation.inception_file)
 
     # Sampling rounds, skipping those already on disk.
     for r in records.progress(my_rounds, desc=f"sampling ckpt {ckpt_id}"):
@@ -322,9 +324,9 @@ def run_sampling_eval(
             _savez_atomic(npz, samples=images, nfe=nfe, sampler=np.array(sampler))
             records.save_image_grid(images, sample_dir / f"samples_{r}.png")
             log.info("ckpt %d round %d/%d: %d samples, NFE %d", ckpt_id, r + 1, num_rounds, n, nfe)
-        if net is not None and not stats_path.is_file():
+        if net is not None and _stats_network(stats_path) != tag:
             pool_3, logits = metrics.compute_inception_outputs(net, images, batch_size=100)
-            arrays = {"pool_3": pool_3.astype(np.float32)}
+            arrays = {"pool_3": pool_3.astype(np.float32), "network": np.array(tag)}
             if logits is not None:
                 arrays["logits"] = logits.astype(np.float32)
             _savez_atomic(stats_path, **arrays)
@@ -336,6 +338,14 @@ def run_sampling_eval(
     result = distributed.broadcast_object(result)
     distributed.barrier()
     return result  # type: ignore[return-value]
+
+
+def _stats_network(path: Path) -> str | None:
+    """The network tag stored in a round's statistics file (None if there is no file)."""
+    if not path.is_file():
+        return None
+    with np.load(path) as stats:
+        return str(stats["network"]) if "network" in stats.files else ""
 
 
 def _inception_or_none(inception_file: str, device) -> metrics.InceptionFeatures | None:
