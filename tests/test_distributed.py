@@ -258,3 +258,29 @@ def test_gpu_checks_script_passes_on_the_cpu(tmp_path, capsys):
     assert rows["channels_last"]["loss_rel_error"] <= 1e-5
     assert rows["bf16"]["status"].startswith("skipped")
     assert "| channels_last |" in capsys.readouterr().out
+
+
+def test_dequantiser_trains_on_two_processes_and_resumes_on_one(one_process):
+    # smoke test: the dequantiser's noise generators are per rank, so its N-rank run equals the
+    # one-process run in distribution only; DDP's gradient average is checked above
+    settings = {
+        **RUN,
+        "eval.ckpt_id": 2,
+        "deq.batch_size": 16,
+        "deq.n_iters": 2,
+        "deq.snapshot_freq": 2,
+        "deq.snapshot_freq_for_preemption": 2,
+        "deq.log_freq": 2,
+        "deq.eval_freq": 2,
+    }
+    two = torchrun(cli_args(one_process, "train_deq", **settings) + ["--deq_folder=deq"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    state = checkpoints.load_checkpoint(one_process / "deq/checkpoints-meta/checkpoint_2.pth")
+    assert len(state["random"]["ranks"]) == 2
+    one = run_cli(
+        cli_args(one_process, "train_deq", **{**settings, "deq.n_iters": 4}) + ["--deq_folder=deq"]
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    log = (one_process / "deq" / "stdout.txt").read_text()
+    assert "checkpoint_2.pth at step 2" in log
+    assert "dequantiser training finished at step 4" in log
