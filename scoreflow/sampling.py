@@ -115,9 +115,9 @@ def ode_sample(
     eps: float = 1e-3,
     rtol: float = 1e-5,
     atol: float = 1e-5,
-    denoise: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    denoise: bool = True,
     dtype: torch.dtype = torch.float32,
     prior_sample: Tensor | None = None,
     method: str = "dopri5",
@@ -133,8 +133,9 @@ def ode_sample(
         sde: the forward SDE.
         shape: ``(batch, ...)`` of the samples.
         eps: the smallest time (sampling.smallest_time).
-        denoise: end with one noise-free reverse-diffusion step from eps to 0.
         generator: random source of the prior sample.
+        device: where to sample (default: the generator's or the default device).
+        denoise: end with one noise-free reverse-diffusion step from eps to 0.
         prior_sample: x_T to start from instead of a fresh prior draw (shape ``shape``).
 
     Returns:
