@@ -7,6 +7,10 @@ Drivers, with the reference's flags::
     scoreflow --config ... --workdir ... --mode eval [--eval_folder eval]
     scoreflow --config ... --workdir ... --mode train_deq [--deq_folder flowpp_dequantizer]
 
+Each runs on several GPUs or machines under ``torchrun`` (docs/distributed.md)::
+
+    torchrun --standalone --nproc_per_node=8 -m scoreflow --config ... --workdir ... --mode train
+
 Tools, each with its own flags (``scoreflow convert --help``)::
 
     scoreflow convert ...      foreign checkpoints to scoreflow's layout
