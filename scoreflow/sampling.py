@@ -75,9 +75,12 @@ def _initial_state(
     dtype: torch.dtype,
     prior_sample: Tensor | None,
 ) -> Tensor:
-    """x_T: ``prior_sample`` if given, else a prior draw from ``generator`` (any device)."""
+    """x_T: ``prior_sample`` if given, else a prior draw from ``generator`` on ``device``
+    (default: the generator's device; a generator on another device draws there first)."""
     if prior_sample is not None:
         return prior_sample.to(device=device or prior_sample.device, dtype=dtype)
+    if device is None:
+        device = generator.device if generator is not None else None
     device = torch.device(device) if device is not None else None
     if generator is not None and device is not None and generator.device.type != device.type:
         x = sde.prior_sampling(shape, generator=generator, device=generator.device, dtype=dtype)
