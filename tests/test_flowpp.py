@@ -257,7 +257,7 @@ def test_flax_key_map_covers_every_parameter_with_reference_shapes():
     assert set(mapping) == set(params)
     assert mapping["MixLogisticAttnCoupling_0.block0_conv.c1.W"] == (
         ("MixLogisticAttnCoupling_0", "block0_conv_c1_W"),
-        "conv",
+        "conv_transposed",
     )
     assert mapping["MixLogisticAttnCoupling_3.block1_proj_out.W"][0] == (
         "MixLogisticAttnCoupling_3",
@@ -265,7 +265,16 @@ def test_flax_key_map_covers_every_parameter_with_reference_shapes():
     )
     assert mapping["Norm_2.norm1_g"] == (("Norm_2", "norm1_g"), "hwc")
     assert mapping["Pointwise_1.W0"] == (("Pointwise_1", "W0"), "same")
-    assert mapping["ShallowProcessor_0.c2.c2.W"] == (("ShallowProcessor_0", "c2_c2_W"), "conv")
+    assert mapping["ShallowProcessor_0.c2.c2.W"] == (
+        ("ShallowProcessor_0", "c2_c2_W"),
+        "conv_transposed",
+    )
     assert mapping["MixLogisticAttnCoupling_0.block0_attn.proj1.W"][1] == "dense"
     assert mapping["MixLogisticAttnCoupling_0.block0_ln2.g"][1] == "layernorm"
     assert params["Norm_0.norm0_g"].shape == (3, 32, 16)
+    wide = FlowppDequantizer(
+        "imagenet32", 3, 32, num_filters=16, num_blocks=1, num_components=2, num_conv_blocks=1
+    ).flax_key_map()
+    assert wide["MixLogisticAttnCoupling_0.c1.V"] == (("MixLogisticAttnCoupling_0", "c1_V"), "conv")
+    assert wide["MixLogisticAttnCoupling_0.block0_c2.g"][0][1] == "block0_c2_g"
+    assert wide["DeepProcessor_0.pos_emb_dq"][1] == "hwc"

@@ -566,8 +566,12 @@ class FlowppDequantizer(nn.Module):
     Flax parameter ``MixLogisticAttnCoupling_0/block0_conv_c1_W``. :meth:`flax_key_map` lists
     every correspondence with the transposition it needs:
 
-    - convolutions: Flax HWIO ``*_W`` / ``*_V`` -> torch OIHW (``permute(3, 2, 0, 1)``); dense
-      ("nin") layers are 1x1 convolutions here: Flax (I, O) -> torch (O, I, 1, 1);
+    - convolutions: the cifar10 reference's plain convolutions (``*_W``) are applied with the
+      image read as (N, W, H, C), so their kernel's first spatial axis runs along the image
+      width: Flax (kW, kH, I, O) -> torch OIHW by ``permute(3, 2, 1, 0)`` (layout
+      "conv_transposed"); the imagenet32 weight-normalised ``*_V`` are ordinary HWIO ->
+      ``permute(3, 2, 0, 1)`` ("conv"); dense ("nin") layers are 1x1 convolutions here:
+      Flax (I, O) -> torch (O, I, 1, 1) ("dense");
     - actnorm ``norm{j}_g/b`` and position embeddings: Flax (H, W/2, C) -> torch (C, H, W/2);
     - layer norm ``*_g/b``: Flax (1, 1, 1, C) -> torch (C,);
     - ``Pointwise`` ``W{j}``, biases and weight-norm gains: unchanged.
@@ -700,7 +704,8 @@ class FlowppDequantizer(nn.Module):
     def flax_key_map(self) -> dict[str, tuple[tuple[str, str], str]]:
         """torch parameter name -> ((Flax module, Flax parameter), layout) for conversion.
 
-        ``layout`` is "conv" (HWIO -> OIHW), "dense" ((I, O) -> (O, I, 1, 1)), "hwc"
+        ``layout`` is "conv" (HWIO -> OIHW), "conv_transposed" ((kW, kH, I, O) -> OIHW), "dense"
+        ((I, O) -> (O, I, 1, 1)), "hwc"
         ((H, W, C) -> (C, H, W)), "layernorm" ((1, 1, 1, C) -> (C,)) or "same".
         """
         mapping = {}
@@ -708,7 +713,10 @@ class FlowppDequantizer(nn.Module):
             module, *path = key.split(".")
             name = "_".join(path)
             if path[-1] in ("W", "V") and param.dim() == 4:
-                layout = "conv" if param.shape[-1] > 1 else "dense"
+                if param.shape[-1] == 1:
+                    layout = "dense"
+                else:
+                    layout = "conv" if path[-1] == "V" else "conv_transposed"
             elif path[-1] in ("g", "b") and len(path) > 1 and _is_layernorm(self, key):
                 layout = "layernorm"
             elif param.dim() == 3:
