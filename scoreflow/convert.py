@@ -161,14 +161,18 @@ def _flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[s
 def _to_torch(array: Any, layout: str, target: Tensor, name: str, flax_name: str) -> Tensor:
     """Convert one Flax array to the layout and shape of ``target`` (errors name the entry).
 
-    Layouts: "conv" HWIO -> OIHW (a 2-D (I, O) kernel becomes a 1x1 OIHW one); "dense"
-    (I, O) -> (O, I) or (O, I, 1, 1); "vector" any (1, ..., 1, C) -> (C,); "hwc" (H, W, C) ->
-    (C, H, W); "same" unchanged.
+    Layouts: "conv" HWIO -> OIHW (a 2-D (I, O) kernel becomes a 1x1 OIHW one);
+    "conv_transposed" (kW, kH, I, O) -> OIHW, for kernels that the reference applies to images
+    read as NWHC (its Flow++ convolutions), so that their first spatial axis runs along the
+    width; "dense" (I, O) -> (O, I) or (O, I, 1, 1); "vector" any (1, ..., 1, C) -> (C,);
+    "hwc" (H, W, C) -> (C, H, W); "same" unchanged.
     """
     if not isinstance(array, np.ndarray):
         raise ConversionError(f"Flax entry {flax_name} (for {name}) is not an array")
     value = torch.from_numpy(np.array(array, dtype=np.float32))
-    if layout in ("conv", "dense"):
+    if layout == "conv_transposed" and value.dim() == 4:
+        value = value.permute(3, 2, 1, 0)
+    elif layout in ("conv", "dense", "conv_transposed"):
         if value.dim() == 4:
             value = value.permute(3, 2, 0, 1)
         elif value.dim() == 2:
@@ -310,7 +314,7 @@ def flax_dequantizer_params_to_state_dict(
     """
     flat = _flatten(_unwrap_params(params))
     target = dequantizer.state_dict()
-    layouts = {"conv": "conv", "dense": "dense", "hwc": "hwc", "layernorm": "vector"}
+    layouts = {"layernorm": "vector"}
     state: dict[str, Tensor] = {}
     missing = []
     for name, (path, layout) in dequantizer.flax_key_map().items():
@@ -319,7 +323,7 @@ def flax_dequantizer_params_to_state_dict(
             missing.append(f"{flax_name} (for {name})")
             continue
         value = flat.pop(tuple(path))
-        state[name] = _to_torch(value, layouts.get(layout, "same"), target[name], name, flax_name)
+        state[name] = _to_torch(value, layouts.get(layout, layout), target[name], name, flax_name)
     if missing:
         raise ConversionError(f"the Flax parameters lack {len(missing)} entries: {missing[:4]}")
     if flat:

@@ -365,6 +365,7 @@ def test_flax_dequantizer_checkpoint_round_trip(tmp_path):
     source = factory.get_dequantizer(config)
     to_flax = {
         "conv": lambda v: v.permute(2, 3, 1, 0),  # OIHW -> HWIO
+        "conv_transposed": lambda v: v.permute(3, 2, 1, 0),  # OIHW -> WHIO
         "dense": lambda v: v[:, :, 0, 0].t(),  # (O, I, 1, 1) -> (I, O)
         "hwc": lambda v: v.permute(1, 2, 0),
         "layernorm": lambda v: v.reshape(1, 1, 1, -1),
