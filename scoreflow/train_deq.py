@@ -65,6 +65,7 @@ __all__ = ["train_deq", "load_frozen_score_model", "dequantization_loss", "offse
 
 KEEP_PREEMPTION = 2
 NUM_LEVELS = 256
+EVAL_NUM_TIMES = 8  # time samples per image of the held-out bits/dim (training uses one)
 
 
 def load_frozen_score_model(
@@ -101,18 +102,19 @@ def dequantization_loss(
     eps: float,
     offset: bool,
     generator: torch.Generator | None,
+    num_times: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """(NELBO(y) + log q(u | x) in nats, log_q), both (batch,), for uint8 images (batch, C, H, W).
 
     u = dequantizer(x / 255, noise) with noise ~ N(0, I), y = scaler((x + u) / 256). The bound
-    uses one time sample per image, importance-sampled except under the VE SDE.
+    uses ``num_times`` time samples per image, importance-sampled except under the VE SDE.
     """
     x = x_uint8.to(torch.float32)
     noise = torch.randn(x.shape, generator=generator, device=x.device)
     u, log_q = dequantizer(x / (NUM_LEVELS - 1), noise)
     y_model = scaler((x + u) / NUM_LEVELS)
     nelbo = bound.negative_elbo(
-        score_fn, sde, y_model, eps, num_times=1,
+        score_fn, sde, y_model, eps, num_times=num_times,
         importance_weighting=not isinstance(sde, VESDE), offset=offset, generator=generator,
     )  # fmt: skip
     return nelbo + log_q, log_q
@@ -243,11 +245,14 @@ def train_deq(
     call_deq = distributed.wrap_ddp(dequantizer, device)
 
     def loss_of(
-        x_uint8: Tensor, generator: torch.Generator, net: nn.Module = dequantizer
+        x_uint8: Tensor,
+        generator: torch.Generator,
+        net: nn.Module = dequantizer,
+        num_times: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """(mean loss in nats, bpd per image) of a uint8 batch."""
         loss, _ = dequantization_loss(
-            net, score_fn, sde, x_uint8, scaler, eps, deq.offset, generator
+            net, score_fn, sde, x_uint8, scaler, eps, deq.offset, generator, num_times
         )
         return loss.mean(), bits_per_dim(loss.detach(), dim, offset)
 
@@ -273,7 +278,8 @@ def train_deq(
             ema.copy_to(dequantizer)
             dequantizer.eval()
             gen = torch.Generator(device=device).manual_seed(seed + 10_000 + index)
-            bpd = float(loss_of(test_images[indices].to(device), gen)[1].mean())
+            images = test_images[indices].to(device)
+            bpd = float(loss_of(images, gen, num_times=EVAL_NUM_TIMES)[1].mean())
             for p, b in zip(dequantizer.parameters(), backup, strict=True):
                 p.copy_(b)
             dequantizer.train()
