@@ -16,9 +16,12 @@ ModuleList numbered in execution order; ``NIN_k.W`` of shape (in, out) and ``NIN
 ``GroupNorm_k``, ``Conv_k``, ``Dense_k`` inside blocks; the float64 ``sigmas`` buffer of the
 discrete VE noise scales), so a state dict written by that project loads with ``strict=True``.
 The computation is the same; it is arranged for speed: attention through
-``scaled_dot_product_attention`` with the three query/key/value projections in one matrix
-product, 1x1 projections as matrix products on a channels-last view, pooling and nearest
-interpolation kernels for the resampling.
+``scaled_dot_product_attention`` (no (H W)^2 score tensor kept for the backward pass where a
+fused kernel exists) with the query/key/value projections in one matrix product over the
+positions, the NIN shortcuts as 1x1 convolutions (which follow the input's memory format, so
+the network runs in ``channels_last`` end to end), pooling and nearest-interpolation kernels for
+the resampling, and no host synchronisation in the forward pass (it traces with
+``torch.compile(fullgraph=True)``).
 """
 
 from __future__ import annotations
@@ -325,6 +328,8 @@ class NCSNpp(nn.Module):
         sigma_min, sigma_max, num_scales: the geometric grid of discrete VE noise scales held
             in the ``sigmas`` buffer, from sigma_max down to sigma_min (kept for state-dict
             compatibility with score_sde_pytorch; used only by positional + scale_by_sigma).
+        fir, progressive, progressive_input: NCSN++ options, accepted only at their DDPM++
+            values (False, "none", "none"); anything else raises NotImplementedError.
     """
 
     def __init__(
