@@ -69,6 +69,7 @@ _NDARRAY_EXT = 1
 _COMPLEX_EXT = 2
 _NPSCALAR_EXT = 3
 _CHUNKED_ARRAY_KEY = "__msgpack_chunked_array__"
+_LAYOUTS = ("conv", "conv_transposed", "dense", "vector", "hwc", "same")
 
 # Flax class name of each of our modules in the score network's list
 _FLAX_CLASS = {
@@ -167,6 +168,8 @@ def _to_torch(array: Any, layout: str, target: Tensor, name: str, flax_name: str
     width; "dense" (I, O) -> (O, I) or (O, I, 1, 1); "vector" any (1, ..., 1, C) -> (C,);
     "hwc" (H, W, C) -> (C, H, W); "same" unchanged.
     """
+    if layout not in _LAYOUTS:
+        raise ConversionError(f"unknown parameter layout {layout!r} for {name}")
     if not isinstance(array, np.ndarray):
         raise ConversionError(f"Flax entry {flax_name} (for {name}) is not an array")
     value = torch.from_numpy(np.array(array, dtype=np.float32))
