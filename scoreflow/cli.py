@@ -89,9 +89,11 @@ def _parse(argv: list[str]):
         "eval_folder", "eval", "subfolder of workdir for --mode eval", flag_values=fv
     )
     flags.DEFINE_string(
-        "deq_folder", "flowpp_dequantizer", "subfolder of workdir for --mode train_deq",
+        "deq_folder",
+        "flowpp_dequantizer",
+        "subfolder of workdir holding the Flow++ dequantiser (train_deq; eval.dequantizer)",
         flag_values=fv,
-    )  # fmt: skip
+    )
 
     if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv[1:]):
         print(USAGE)
@@ -153,7 +155,7 @@ def _run_driver(fv, is_main: bool) -> None:
     elif mode == "eval":
         from scoreflow.evaluate import evaluate
 
-        evaluate(config, workdir, fv.eval_folder)
+        evaluate(config, workdir, fv.eval_folder, deq_folder=fv.deq_folder)
     else:
         from scoreflow.train_deq import train_deq
 
