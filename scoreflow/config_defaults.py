@@ -91,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     evaluate.max_images = 0  # scoreflow: evaluate only the first N images (0: all)
     evaluate.stats_file = ""  # scoreflow: FID reference statistics (.npz with pool_3)
     evaluate.inception_file = ""  # scoreflow: Inception weights; empty means the default
+    evaluate.sample_metrics = True  # scoreflow: FID/IS/KID of the samples (eval.enable_sampling)
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "CIFAR10"  # CIFAR10 | ImageNet | digits | mnist | folder

@@ -305,7 +305,11 @@ def run_sampling_eval(
     num_rounds = math.ceil(num_samples / batch)
     my_rounds = list(range(distributed.rank(), num_rounds, distributed.world_size()))
 
-    net = _inception_or_none(evaluation.inception_file, device)
+    net = None
+    if evaluation.sample_metrics:
+        net = _inception_or_none(evaluation.inception_file, device)
+    else:
+        log.info("FID/IS/KID not computed (eval.sample_metrics=False)")
     tag = None if net is None else _network_tag(net, evaluation.inception_file)
 
     # Sampling rounds, skipping those already on disk.
