@@ -18,8 +18,9 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CheckpointError",
     "save_atomic",
+    "write_atomic",
     "load_checkpoint",
     "list_checkpoints",
     "load_latest",
@@ -41,16 +43,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or of the wrong layout."""
 
 
-def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename). Returns the path."""
+def _default_mode() -> int:
+    """The permission bits an ordinary ``open(path, "w")`` would give (0o666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Create or replace ``path`` atomically: ``write`` fills a temporary file in the same folder,
+    which is flushed to disk and renamed over ``path``. A reader sees the old file or the new
+    one, never a partial one; on any error the old file is left as it was. The file gets the
+    permissions of an ordinary new file (not the private 0o600 of a temporary one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -65,6 +78,11 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     except OSError:
         pass
     return path
+
+
+def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save`` of ``state`` to ``path``, atomically (see :func:`write_atomic`)."""
+    return write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

@@ -36,7 +36,6 @@ import importlib.util
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from scoreflow import distributed, metrics, records
+from scoreflow import checkpoints, distributed, metrics, records
 from scoreflow.sampling import ode_sample, pc_sample
 from scoreflow.score import get_score_fn
 from scoreflow.sde import SDE
@@ -131,17 +130,8 @@ def to_uint8(x: Tensor, inverse_scaler: Callable[[Tensor], Tensor]) -> np.ndarra
 
 
 def _savez_atomic(path: Path, **arrays: Any) -> None:
-    """np.savez to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """np.savez to ``path``, atomically (temporary file in the same folder, then rename)."""
+    checkpoints.write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def _device_of(model: nn.Module) -> torch.device:

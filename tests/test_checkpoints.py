@@ -3,6 +3,7 @@ checkpoint, atomic writes, no checkpoint of diverged weights, the log appended o
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -139,3 +140,16 @@ def test_nan_loss_stops_without_a_bad_checkpoint(tmp_path, monkeypatch, no_progr
     assert [n for n, _ in saved] == [5, 10]
     state = checkpoints.load_checkpoint(saved[-1][1])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_atomic_writes_get_the_permissions_of_an_ordinary_new_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        checkpoints.save_atomic({"step": 1}, tmp_path / "a.pth")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pth").stat().st_mode & 0o777 == (
+        tmp_path / "b.txt"
+    ).stat().st_mode & 0o777
+    assert not list(tmp_path.glob(".*.tmp"))
