@@ -607,6 +607,36 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def combine(paths: list[str], out: str, markdown: str | None) -> dict:
+    """Merge result files: all their runs, one summary; settings and machines kept per file."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [dict(r, source=i) for i, part in enumerate(parts) for r in part["runs"]]
+    summary = summarize(runs)
+    results = {
+        "combined_from": [
+            {
+                "file": str(p),
+                "started": part["started"],
+                "finished": part["finished"],
+                "machine": part["machine"],
+                "settings": part["settings"],
+                "tasks": sorted({r["task"] for r in part["runs"]}),
+            }
+            for p, part in zip(paths, parts, strict=True)
+        ],
+        "machine": parts[0]["machine"],
+        "targets": TARGETS,
+        "summary": summary,
+        "runs": runs,
+    }
+    Path(out).write_text(json.dumps(results, indent=1))
+    table = markdown_table(summary)
+    print(table)
+    if markdown:
+        Path(markdown).write_text(table + "\n")
+    return results
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -645,6 +675,13 @@ def parse_args(argv=None):
     p.add_argument("--workdir", help="keep inputs and weights here (default: a temporary folder)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="instead of measuring, merge the runs of earlier result files (e.g. tasks measured "
+        "separately) into --out and print their table",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -659,6 +696,9 @@ def main(argv=None) -> dict | None:
         record["process_max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Path(args.worker_out).write_text(json.dumps(record))
         return None
+
+    if args.combine:
+        return combine(args.combine, args.out, args.markdown)
 
     from benchmarks._reference import reference_root
 
