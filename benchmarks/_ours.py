@@ -12,13 +12,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# imported here, before any timed section (the reference's modules are imported up front too)
+from scoreflow import factory, losses, sampling, train
+from scoreflow import likelihood as lik
+from scoreflow.config_defaults import cifar10_config
+from scoreflow.ema import EMA
+from scoreflow.importance import ImportanceSampler
+from scoreflow.score import get_score_fn
+
 # the reference's predictor names -> ours
 PREDICTOR_NAMES = {"ancestral_sampling": "ancestral"}
 
 
 def config(nf: int, ch_mult: tuple[int, ...], num_res_blocks: int, batch: int, device):
     """Our DDPM++ (cifar10, VP, continuous) config with the given width."""
-    from scoreflow.config_defaults import cifar10_config
 
     cfg = cifar10_config("vpsde", deep=False)
     cfg.model.nf = nf
@@ -31,7 +38,6 @@ def config(nf: int, ch_mult: tuple[int, ...], num_res_blocks: int, batch: int, d
 
 def model(cfg, state_dict: dict | None = None) -> torch.nn.Module:
     """Our NCSNpp, built by the factory, optionally with weights (the reference's layout)."""
-    from scoreflow import factory
 
     net = factory.get_model(cfg).to(cfg.device)
     if state_dict is not None:
@@ -41,7 +47,6 @@ def model(cfg, state_dict: dict | None = None) -> torch.nn.Module:
 
 def sde(cfg):
     """The forward SDE of ``cfg``."""
-    from scoreflow import factory
 
     return factory.get_sde(cfg)
 
@@ -49,9 +54,6 @@ def sde(cfg):
 def train_step(cfg, net: torch.nn.Module, lr: float, warmup: int):
     """(step(batch) -> loss, state): one optimisation step as :func:`scoreflow.train.train`
     takes it, on a batch already in model space."""
-    from scoreflow import losses, train
-    from scoreflow.ema import EMA
-    from scoreflow.importance import ImportanceSampler
 
     training, optim = cfg.training, cfg.optim
     forward_sde = sde(cfg)
@@ -105,8 +107,6 @@ def train_step(cfg, net: torch.nn.Module, lr: float, warmup: int):
 
 def likelihood(cfg, net, x: Tensor, probe: Tensor, rtol: float, atol: float, eps: float):
     """(bpd (B,), nfe) of :func:`scoreflow.likelihood.ode_likelihood` with the probe given."""
-    from scoreflow import likelihood as lik
-    from scoreflow.score import get_score_fn
 
     forward_sde = sde(cfg)
     net.eval()
@@ -127,8 +127,6 @@ def likelihood(cfg, net, x: Tensor, probe: Tensor, rtol: float, atol: float, eps
 
 def ode_sample(cfg, net, z: Tensor, rtol: float, atol: float, eps: float):
     """(samples in model space, nfe) of :func:`scoreflow.sampling.ode_sample` from ``z``."""
-    from scoreflow import sampling
-    from scoreflow.score import get_score_fn
 
     forward_sde = sde(cfg)
     net.eval()
@@ -147,8 +145,6 @@ def ode_sample(cfg, net, z: Tensor, rtol: float, atol: float, eps: float):
 
 def pc_sample(cfg, net, shape, num_steps: int, predictor: str, corrector: str, eps: float):
     """(samples in model space, nfe) of :func:`scoreflow.sampling.pc_sample`."""
-    from scoreflow import sampling
-    from scoreflow.score import get_score_fn
 
     forward_sde = sde(cfg)
     net.eval()
