@@ -7,6 +7,7 @@ The reference checkout is not needed, except by the last test, which runs only w
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import sys
 import time
@@ -23,8 +24,10 @@ TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, batch=2, device="cpu")
 
 def test_other_load_and_peak_memory_measure_a_section():
     with run.PeakMemory(torch.device("cpu")) as memory, run.OtherLoad() as load:
-        block = torch.ones(8 * 2**20 // 4)  # 8 MiB, touched
-        block.add_(1)
+        # 8 MiB of fresh anonymous pages, touched (a tensor could reuse pages that earlier
+        # tests left resident in the allocator)
+        block = mmap.mmap(-1, 8 * 2**20)
+        block.write(b"\1" * len(block))
         time.sleep(0.01)
     assert load.wall >= 0.01
     assert load.load is None or 0.0 <= load.load <= 1.0
@@ -32,7 +35,7 @@ def test_other_load_and_peak_memory_measure_a_section():
     assert record["peak_mib"] >= record["baseline_mib"] > 0
     if record["method"].startswith("VmHWM"):  # the section's own peak is visible on Linux
         assert record["extra_mib"] >= 7.0
-    del block
+    block.close()
 
 
 def test_inputs_are_model_space_batches_and_a_rademacher_probe(tmp_path):
