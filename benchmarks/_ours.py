@@ -18,6 +18,7 @@ from scoreflow import likelihood as lik
 from scoreflow.config_defaults import cifar10_config
 from scoreflow.ema import EMA
 from scoreflow.importance import ImportanceSampler
+from scoreflow.optim import adam, learning_rate
 from scoreflow.score import get_score_fn
 
 # the reference's predictor names -> ours
@@ -62,12 +63,8 @@ def train_step(cfg, net: torch.nn.Module, lr: float, warmup: int):
     eps = training.smallest_time
     sampler = ImportanceSampler(forward_sde, eps) if weighting == "importance" else None
     ema = EMA(net, cfg.model.ema_rate)
-    optimizer = torch.optim.Adam(
-        net.parameters(),
-        lr=lr,
-        betas=(optim.beta1, 0.999),
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
+    optimizer = adam(
+        net.parameters(), lr, optim.beta1, eps=optim.eps, weight_decay=optim.weight_decay
     )
     call_model, autocast = train._device_options(cfg, net, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)
@@ -79,7 +76,7 @@ def train_step(cfg, net: torch.nn.Module, lr: float, warmup: int):
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
-            group["lr"] = train.learning_rate(state["step"] + 1, lr, warmup)
+            group["lr"] = learning_rate(state["step"] + 1, lr, warmup)
         with autocast():
             loss, _ = losses.dsm_loss(
                 forward_sde,

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from scoreflow import checkpoints, distributed, factory, losses, records
 from scoreflow.ema import EMA
 from scoreflow.importance import ImportanceSampler
+from scoreflow.optim import adam, learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -165,16 +166,6 @@ def preprocess(
     return scaler(x)
 
 
-def learning_rate(step: int, base_lr: float, warmup: int) -> float:
-    """Learning rate of update number ``step`` (1-based): base_lr min(step / warmup, 1).
-
-    (The reference uses the count of finished updates, so its first update has rate 0.)
-    """
-    if warmup <= 0:
-        return base_lr
-    return base_lr * min(step / warmup, 1.0)
-
-
 def _global_rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -273,10 +264,12 @@ def _snapshot_sampling(config, sde, model: nn.Module, ema: EMA, step: int, workd
 
 
 def _device_options(config, model: nn.Module, device: torch.device):
-    """Apply training.channels_last, DDP (under a process group), training.compile.
+    """Apply training.channels_last, DDP (under a process group), training.compile, training.amp.
 
     Returns (model to call in training, autocast context factory). ``model`` itself stays the
-    unwrapped network (its parameters are shared with the returned one).
+    unwrapped network (its parameters are shared with the returned one). channels_last and
+    compile act on GPUs only (on a CPU they were measured to gain nothing or a few percent after
+    minutes of compilation); bf16 autocast acts on GPUs and CPUs alike.
     """
     training = config.training
     on_gpu = device.type == "cuda"
@@ -291,15 +284,27 @@ def _device_options(config, model: nn.Module, device: torch.device):
             call_model = torch.compile(call_model)  # type: ignore[assignment]
         else:
             log.info("training.compile is only used on GPUs; running eagerly on %s", device)
-    if training.amp and not on_gpu:
-        log.info("training.amp (bf16 autocast) is only used on GPUs; running float32 on %s", device)
+    if training.amp:
+        log.info("training.amp: bf16 autocast of the network on %s", device)
+        if device.type == "cpu" and not _cpu_has_bf16():
+            log.warning(
+                "this CPU has no bf16 instructions: training.amp will be slower than float32"
+            )
 
     def autocast():
-        if training.amp and on_gpu:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if training.amp:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     return call_model, autocast
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
@@ -346,12 +351,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
         log.info("DistributedDataParallel over %d processes, %d images each", world,
                  training.batch_size // world)  # fmt: skip
     ema = EMA(model, config.model.ema_rate)
-    optimizer = torch.optim.Adam(
-        model.parameters(),
-        lr=optim.lr,
-        betas=(optim.beta1, 0.999),
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
+    optimizer = adam(
+        model.parameters(), optim.lr, optim.beta1, eps=optim.eps, weight_decay=optim.weight_decay
     )
     if optim.optimizer != "Adam":
         raise factory.ConfigError(f"optimizer {optim.optimizer!r} is not supported; use Adam")

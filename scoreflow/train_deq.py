@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from scoreflow import bound, checkpoints, data, distributed, factory, records
 from scoreflow.ema import EMA
 from scoreflow.likelihood import bits_per_dim, bpd_offset
+from scoreflow.optim import adam, learning_rate
 from scoreflow.score import get_score_fn
 from scoreflow.sde import SDE, VESDE
 
@@ -118,11 +119,6 @@ def dequantization_loss(
         importance_weighting=not isinstance(sde, VESDE), offset=offset, generator=generator,
     )  # fmt: skip
     return nelbo + log_q, log_q
-
-
-def _learning_rate(step: int, base_lr: float, warmup: int) -> float:
-    """base_lr min(step / warmup, 1) for update number ``step`` (1-based)."""
-    return base_lr if warmup <= 0 else base_lr * min(step / warmup, 1.0)
 
 
 def _random_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
@@ -225,9 +221,7 @@ def train_deq(
         dequantizer.initialize(first, torch.randn(first.shape, generator=init_noise, device=device))
         log.info("starting from scratch (no checkpoint in %s)", meta_dir)
     ema = EMA(dequantizer, deq.ema_rate)
-    optimizer = torch.optim.Adam(
-        dequantizer.parameters(), lr=deq.lr, betas=(0.9, 0.999), eps=config.optim.eps
-    )
+    optimizer = adam(dequantizer.parameters(), deq.lr, eps=config.optim.eps)
     if found is not None:
         state, path = found
         dequantizer.load_state_dict(state["model"])
@@ -298,7 +292,7 @@ def train_deq(
                 x = data.random_flip(x, generators["flip"])
 
             # one optimisation step
-            lr = _learning_rate(step + 1, deq.lr, deq.warmup)
+            lr = learning_rate(step + 1, deq.lr, deq.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, bpd = loss_of(x, generators["noise"], call_deq)

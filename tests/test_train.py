@@ -1,5 +1,6 @@
 """The training driver: data order, preprocessing, warm-up, the three weightings end to end
-through the command line, what lands in the workdir, and options that are no-ops on the CPU."""
+through the command line, what lands in the workdir, and the device options (bf16 autocast on
+the CPU; channels_last and compile, which are no-ops there)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 from conftest import cli_args, run_cli, tiny_config
 
-from scoreflow import checkpoints
-from scoreflow.train import EpochOrder, learning_rate, preprocess, train
+from scoreflow import checkpoints, factory, losses
+from scoreflow.train import EpochOrder, _device_options, learning_rate, preprocess, train
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
@@ -97,6 +98,34 @@ def test_each_weighting_trains_through_the_cli(weighting, flags, tmp_path):
     assert [e.step for e in events.Scalars("eval_loss")] == [20, 40]
 
 
+def test_bf16_autocast_gives_the_float32_loss_to_bf16_precision_on_the_cpu(tmp_path, no_progress):
+    config = tiny_config(**{"training.amp": True, "training.n_iters": 5})
+    sde = factory.get_sde(config)
+    torch.manual_seed(0)
+    model = factory.get_model(config)
+    with torch.no_grad():  # a network whose output is not the near-zero one of init_scale 0
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1, 8, 8, generator=gen) * 2 - 1
+    t = torch.rand(8, generator=gen) * 0.9 + 0.05
+    z = torch.randn(x.shape, generator=gen)
+
+    call_model, autocast = _device_options(config, model, torch.device("cpu"))
+    with torch.no_grad():
+        reference, _ = losses.dsm_loss(sde, model, x, "baseline", t=t, z=z)
+    with torch.no_grad(), autocast():
+        assert call_model(x, t * 999).dtype == torch.bfloat16
+        loss, _ = losses.dsm_loss(sde, call_model, x, "baseline", t=t, z=z)
+    relative = abs(float(loss) - float(reference)) / float(reference)
+    assert 0 < relative < 1e-2  # bf16 did run (not bit-equal), within its 8-bit mantissa
+
+    train(config, tmp_path)
+    log = (tmp_path / "stdout.txt").read_text()
+    assert "bf16 autocast" in log and "training finished at step 5" in log
+    assert all(math.isfinite(v) for v in _losses(tmp_path))
+
+
 def test_cpu_noop_options_and_sampling_hook_leave_training_unchanged(tmp_path, monkeypatch):
     monkeypatch.setenv("SCOREFLOW_NO_PROGRESS", "1")
     short = {"training.n_iters": 10, "training.snapshot_freq": 5, "training.eval_freq": 5}
@@ -112,7 +141,6 @@ def test_cpu_noop_options_and_sampling_hook_leave_training_unchanged(tmp_path, m
     fake.snapshot_samples = snapshot_samples
     monkeypatch.setitem(sys.modules, "scoreflow.evaluate_sampling", fake)
     options = {
-        "training.amp": True,
         "training.channels_last": True,
         "training.compile": True,
         "training.snapshot_sampling": True,
@@ -121,7 +149,7 @@ def test_cpu_noop_options_and_sampling_hook_leave_training_unchanged(tmp_path, m
 
     assert calls == [5, 10]
     log = (tmp_path / "options" / "stdout.txt").read_text()
-    assert "training.amp" in log and "training.compile" in log
+    assert "training.channels_last" in log and "training.compile" in log
     a, b = (
         checkpoints.load_checkpoint(tmp_path / run / "checkpoints-meta" / "checkpoint_10.pth")
         for run in ("plain", "options")
