@@ -106,7 +106,7 @@ def likelihood(cfg, net, x: Tensor, probe: Tensor, rtol: float, atol: float, eps
     """(bpd (B,), nfe) of :func:`scoreflow.likelihood.ode_likelihood` with the probe given."""
 
     forward_sde = sde(cfg)
-    net.eval()
+    net.eval().requires_grad_(False)  # as scoreflow.evaluate does
     result = lik.ode_likelihood(
         get_score_fn(forward_sde, net),
         forward_sde,

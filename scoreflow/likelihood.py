@@ -152,6 +152,8 @@ def ode_likelihood(
 
     Args:
         score_fn: (x (B, ...), t (B,)) -> score (B, ...); may be a network needing grad in x.
+            Freeze such a network's parameters (``requires_grad_(False)``): its forward pass
+            then saves no activations that only weight gradients would use.
         sde: the forward SDE whose probability-flow ODE is integrated.
         x: data in model space, shape (B, ...).
         eps: starting time (the model's density is that of the time-eps marginal).
