@@ -5,7 +5,8 @@ reference, alternating fresh processes (ours, reference, ours, reference, ...), 
 medians and their ratio:
 
 - train:      training steps per second (DDPM++ of the cifar10 config, width set by --nf,
-              --ch_mult, --num_res_blocks; loss, backward, Adam, clipping, EMA).
+              --ch_mult, --num_res_blocks; loss, backward, Adam, clipping, EMA), in float32,
+              and with --amp also ours with bf16 autocast (training.amp).
 - likelihood: bits/dim of one batch by the probability-flow ODE (RK45 / dopri5, rtol = atol =
               1e-5, the same Rademacher probe on both sides): wall time, function evaluations,
               network forward calls, peak memory and both bits/dim values (they must agree
@@ -57,6 +58,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 IMPLS = ("ours", "reference")
+# our training step with bf16 autocast (training.amp), measured with --amp on the train task
+AMP_IMPL = "ours_bf16"
 TASKS = ("train", "likelihood", "ode_sample", "pc_sample")
 TARGETS = {
     "train_speedup": 1.3,  # ours steps/s over the reference's, at least
@@ -192,12 +195,13 @@ class Side:
         self.impl = impl
         self.device = torch.device(spec["device"])
         args = (spec["nf"], tuple(spec["ch_mult"]), spec["num_res_blocks"], spec["batch"])
-        if impl == "ours":
+        if impl in ("ours", AMP_IMPL):
             sys.path.insert(0, str(REPO))
             from benchmarks import _ours
 
             self.mod = _ours
             self.cfg = _ours.config(*args, self.device)
+            self.cfg.training.amp = impl == AMP_IMPL
         else:
             from benchmarks._reference import Reference
 
@@ -376,7 +380,8 @@ def make_inputs(path: Path, args) -> None:
 
     gen = torch.Generator().manual_seed(args.seed)
     images = digits_uint8(32)
-    n_train = max(args.train_warmup + args.train_steps, args.prep_steps)
+    # the preparation cycles through these batches: a long one does not need more of them
+    n_train = max(args.train_warmup + args.train_steps, min(args.prep_steps, 256))
     train = []
     for _ in range(n_train):
         idx = torch.randint(0, len(images), (args.batch,), generator=gen)
@@ -447,7 +452,7 @@ def summarize(runs: list[dict]) -> dict:
     for task in TASKS:
         per = {
             impl: [r for r in runs if r["task"] == task and r["impl"] == impl and "error" not in r]
-            for impl in IMPLS
+            for impl in IMPLS + (AMP_IMPL,)
         }
         if not per["ours"] and not per["reference"]:
             continue
@@ -457,6 +462,7 @@ def summarize(runs: list[dict]) -> dict:
                 continue
             e: dict = {"runs": len(records)}
             if task == "train":
+                e["losses"] = records[0]["losses"]
                 e["steps_per_s"] = _median(records, "steps_per_s")
                 e["median_step_s"] = _median(records, "median_step_s")
                 e["steps_per_cpu_s"] = _median(records, "steps_per_cpu_s")
@@ -486,6 +492,14 @@ def summarize(runs: list[dict]) -> dict:
                 entry["speedup"] = o["steps_per_s"] / r["steps_per_s"]
                 entry["speedup_cpu_time"] = o["steps_per_cpu_s"] / r["steps_per_cpu_s"]
                 entry["target_met"] = entry["speedup"] >= TARGETS["train_speedup"]
+                if per[AMP_IMPL]:
+                    a = entry[AMP_IMPL]
+                    entry["speedup_bf16"] = a["steps_per_s"] / r["steps_per_s"]
+                    entry["speedup_bf16_cpu_time"] = a["steps_per_cpu_s"] / r["steps_per_cpu_s"]
+                    entry["target_met_bf16"] = entry["speedup_bf16"] >= TARGETS["train_speedup"]
+                    # how far bf16 moves the loss (the same batches and draws on both of ours)
+                    pairs = list(zip(a["losses"], o["losses"], strict=True))
+                    entry["bf16_loss_max_rel_diff"] = max(abs(x - y) / abs(y) for x, y in pairs)
             else:
                 entry["time_ratio"] = o["wall_s"] / r["wall_s"]
                 entry["cpu_time_ratio"] = o["cpu_s"] / r["cpu_s"]
@@ -530,6 +544,21 @@ def markdown_table(summary: dict) -> str:
                 ">= 1.3",
                 e.get("target_met"),
             )
+            if AMP_IMPL in e:
+                row(
+                    "training steps/s, ours with bf16 autocast (training.amp)",
+                    _fmt(e[AMP_IMPL].get("steps_per_s")),
+                    _fmt(r.get("steps_per_s")),
+                    _fmt(e.get("speedup_bf16")),
+                    ">= 1.3",
+                    e.get("target_met_bf16"),
+                )
+                row(
+                    "bf16 loss against float32 (max relative difference)",
+                    _fmt(e.get("bf16_loss_max_rel_diff"), ".2e"),
+                    "",
+                    "",
+                )
             row(
                 "training steps per CPU-second",
                 _fmt(o.get("steps_per_cpu_s")),
@@ -647,6 +676,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (both sides)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds for train")
     p.add_argument("--eval_rounds", type=int, default=2, help="alternating rounds for the others")
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="also time our training step with bf16 autocast (training.amp); needs bf16 "
+        "instructions on a CPU",
+    )
     p.add_argument("--nf", type=int, default=32)
     p.add_argument("--ch_mult", default="1,2,2")
     p.add_argument("--num_res_blocks", type=int, default=2)
@@ -759,8 +794,9 @@ def main(argv=None) -> dict | None:
     runs = []
     for task in tasks:
         rounds = args.rounds if task == "train" else args.eval_rounds
+        impls = IMPLS + ((AMP_IMPL,) if task == "train" and args.amp else ())
         for i in range(rounds):
-            for impl in IMPLS:
+            for impl in impls:
                 t0 = time.perf_counter()
                 record = run_worker(task, impl, spec, workdir)
                 record["round"] = i
