@@ -125,12 +125,14 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_positions: int = 10000) 
     """Sinusoidal embedding of the labels, (batch,) -> (batch, dim).
 
     emb[:, k] = sin(t w_k), emb[:, half + k] = cos(t w_k), w_k = max_positions^(-k / (half - 1)),
-    half = dim // 2, computed in float32 (zero-padded by one column when dim is odd).
+    half = dim // 2, computed in float32, or in float64 for float64 labels (zero-padded by one
+    column when dim is odd).
     """
     half = dim // 2
     step = math.log(max_positions) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=timesteps.device) * -step)
-    arg = timesteps.float()[:, None] * freqs[None, :]
+    dtype = torch.float64 if timesteps.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(torch.arange(half, dtype=dtype, device=timesteps.device) * -step)
+    arg = timesteps.to(dtype)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
     if dim % 2 == 1:
         emb = F.pad(emb, (0, 1))
