@@ -26,6 +26,29 @@ TINY = {
     "eval.batch_size": 16,
 }
 
+# keyword arguments of a tiny DDPM++ (NCSNpp) on 8x8x3 images, for tests of the network itself
+TINY_NCSNPP = dict(
+    image_size=8,
+    num_channels=3,
+    nf=8,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(4,),
+    dropout=0.1,
+    resamp_with_conv=True,
+    conditional=True,
+    skip_rescale=True,
+    resblock_type="biggan",
+    init_scale=0.0,
+    embedding_type="positional",
+    fourier_scale=16.0,
+    scale_by_sigma=False,
+    centered=True,
+    sigma_min=0.01,
+    sigma_max=50.0,
+    num_scales=1000,
+)
+
 
 def tiny_config(**overrides):
     """The digits VP config with :data:`TINY` and ``overrides`` ("training.n_iters"=...)."""

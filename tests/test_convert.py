@@ -9,6 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_NCSNPP
 
 from scoreflow import checkpoints, factory
 from scoreflow.convert import (
@@ -401,27 +402,7 @@ FIXTURE = Path(__file__).resolve().parent / "data" / "convert"
 
 def test_real_flax_checkpoint_gives_the_flax_outputs(tmp_path):
     """score_flow's Flax NCSNpp (nf 4, ch_mult (1, 2), 8x8x3), serialised by flax itself."""
-    model = NCSNpp(
-        image_size=8,
-        num_channels=3,
-        nf=4,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(4,),
-        dropout=0.0,
-        resamp_with_conv=True,
-        conditional=True,
-        skip_rescale=True,
-        resblock_type="biggan",
-        init_scale=0.0,
-        embedding_type="positional",
-        fourier_scale=16.0,
-        scale_by_sigma=False,
-        centered=True,
-        sigma_min=0.01,
-        sigma_max=50.0,
-        num_scales=1000,
-    ).eval()
+    model = NCSNpp(**dict(TINY_NCSNPP, nf=4, dropout=0.0)).eval()
     state = convert_flax_score_checkpoint(FIXTURE / "flax_ncsnpp_tiny.msgpack", model)
     assert state["step"] == 1300000
     io = np.load(FIXTURE / "flax_ncsnpp_tiny_io.npz")

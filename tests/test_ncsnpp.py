@@ -12,30 +12,11 @@ import ml_collections
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_NCSNPP
 
 from scoreflow.nets.ncsnpp import AttnBlock, NCSNpp, ResnetBlockBigGAN, count_parameters
 
-TINY = dict(
-    image_size=8,
-    num_channels=3,
-    nf=8,
-    ch_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(4,),
-    dropout=0.1,
-    resamp_with_conv=True,
-    conditional=True,
-    skip_rescale=True,
-    resblock_type="biggan",
-    init_scale=0.0,
-    embedding_type="positional",
-    fourier_scale=16.0,
-    scale_by_sigma=False,
-    centered=True,
-    sigma_min=0.01,
-    sigma_max=50.0,
-    num_scales=1000,
-)
+TINY = TINY_NCSNPP
 
 CIFAR10 = dict(
     TINY, image_size=32, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,)
