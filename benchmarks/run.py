@@ -462,7 +462,7 @@ def summarize(runs: list[dict]) -> dict:
                 continue
             e: dict = {"runs": len(records)}
             if task == "train":
-                e["losses"] = records[0]["losses"]
+                e["losses"] = records[0].get("losses", [])
                 e["steps_per_s"] = _median(records, "steps_per_s")
                 e["median_step_s"] = _median(records, "median_step_s")
                 e["steps_per_cpu_s"] = _median(records, "steps_per_cpu_s")
@@ -499,7 +499,9 @@ def summarize(runs: list[dict]) -> dict:
                     entry["target_met_bf16"] = entry["speedup_bf16"] >= TARGETS["train_speedup"]
                     # how far bf16 moves the loss (the same batches and draws on both of ours)
                     pairs = list(zip(a["losses"], o["losses"], strict=True))
-                    entry["bf16_loss_max_rel_diff"] = max(abs(x - y) / abs(y) for x, y in pairs)
+                    entry["bf16_loss_max_rel_diff"] = max(
+                        (abs(x - y) / abs(y) for x, y in pairs), default=None
+                    )
             else:
                 entry["time_ratio"] = o["wall_s"] / r["wall_s"]
                 entry["cpu_time_ratio"] = o["cpu_s"] / r["cpu_s"]

@@ -73,10 +73,11 @@ def test_our_side_trains_and_scores_a_tiny_network():
 
 
 def test_summary_and_table_from_records():
-    def train(impl, rate):
+    def train(impl, rate, losses=(1.0, 0.5)):
         return {
             "task": "train",
             "impl": impl,
+            "losses": list(losses),
             "steps_per_s": rate,
             "median_step_s": 1 / rate,
             "steps_per_cpu_s": rate,
@@ -100,15 +101,19 @@ def test_summary_and_table_from_records():
         }
 
     runs = [train("ours", 2.0), train("reference", 1.0), train("ours", 2.0)]
+    runs += [train(run.AMP_IMPL, 3.0, losses=(1.01, 0.5))]
     runs += [lik("ours", 1.0, [3.0, 3.0]), lik("reference", 4.0, [3.0, 3.005])]
     summary = run.summarize(runs)
     assert summary["train"]["speedup"] == pytest.approx(2.0)
     assert summary["train"]["target_met"]
+    assert summary["train"]["speedup_bf16"] == pytest.approx(3.0)
+    assert summary["train"]["bf16_loss_max_rel_diff"] == pytest.approx(0.01)
     assert summary["likelihood"]["time_ratio"] == pytest.approx(0.25)
     assert summary["likelihood"]["bpd_max_abs_diff"] == pytest.approx(0.005)
     assert summary["likelihood"]["bpd_agree"]
     table = run.markdown_table(summary)
     assert "| training steps/s | 2 | 1 | 2 | >= 1.3 | yes |" in table
+    assert "| training steps/s, ours with bf16 autocast (training.amp) | 3 | 1 | 3 |" in table
 
 
 @pytest.mark.skipif(
