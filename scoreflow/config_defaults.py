@@ -87,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
     evaluate.rtol = 1e-5  # scoreflow: likelihood ODE tolerances
     evaluate.atol = 1e-5
     evaluate.divergence = "rademacher"  # scoreflow: rademacher | gaussian | exact
+    evaluate.time_variable = "t"  # scoreflow: t | sqrt, the likelihood ODE's integration variable
+    evaluate.error_norm = "joint"  # scoreflow: joint | separate, the ODE solver's error measure
     evaluate.bound_num_times = 1000  # scoreflow: time samples per image in the bound
     evaluate.max_images = 0  # scoreflow: evaluate only the first N images (0: all)
     evaluate.stats_file = ""  # scoreflow: FID reference statistics (.npz with pool_3)

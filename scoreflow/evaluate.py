@@ -52,7 +52,13 @@ from scoreflow import checkpoints, distributed, factory, records
 from scoreflow.bound import negative_elbo
 from scoreflow.data import dataset_images
 from scoreflow.dequantization import UniformDequantizer, VariationalDequantizer
-from scoreflow.likelihood import bits_per_dim, bpd_offset, ode_likelihood
+from scoreflow.likelihood import (
+    DIVERGENCES,
+    ERROR_NORMS,
+    bits_per_dim,
+    bpd_offset,
+    ode_likelihood,
+)
 from scoreflow.score import get_score_fn
 from scoreflow.sde import SDE, VESDE
 
@@ -146,6 +152,7 @@ def bpd_batch(
         divergence=settings["divergence"],
         generator=estimator_generators,
         time_variable=settings["time_variable"],
+        error_norm=settings["error_norm"],
     )
     return -result.logp, log_q, result.nfe
 
@@ -357,11 +364,16 @@ def evaluate(
             dequantizer = UniformDequantizer()
             dequantization = "uniform"
         method = "bound" if evaluation.bound else "ode"
-        if evaluation.divergence not in ("rademacher", "gaussian", "exact"):
-            raise factory.ConfigError(
-                f"eval.divergence must be rademacher, gaussian or exact, got "
-                f"{evaluation.divergence!r}"
-            )
+        choices = {
+            "divergence": DIVERGENCES,
+            "time_variable": ("t", "sqrt"),
+            "error_norm": ERROR_NORMS,
+        }
+        for name, allowed in choices.items():
+            if evaluation[name] not in allowed:
+                raise factory.ConfigError(
+                    f"eval.{name} must be one of {', '.join(allowed)}, got {evaluation[name]!r}"
+                )
         settings = {
             "method": method,
             "dequantization": dequantization,
@@ -371,7 +383,8 @@ def evaluate(
             "rtol": float(evaluation.rtol),
             "atol": float(evaluation.atol),
             "divergence": evaluation.divergence,
-            "time_variable": "sqrt",
+            "time_variable": evaluation.time_variable,
+            "error_norm": evaluation.error_norm,
             "bound_num_times": int(evaluation.bound_num_times),
             "offset": bool(evaluation.offset),
             "seed": int(config.seed),

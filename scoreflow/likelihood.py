@@ -46,6 +46,7 @@ __all__ = [
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 DIVERGENCES = ("rademacher", "gaussian", "exact")
+ERROR_NORMS = ("joint", "separate")
 
 
 @dataclass
@@ -130,6 +131,13 @@ def _score_and_divergence(
         return score.detach(), div
 
 
+def _joint_rms(scaled_error: tuple[Tensor, ...]) -> Tensor:
+    """Root mean square over every coordinate of the state, x and delta_logp together."""
+    total = sum(part.square().sum() for part in scaled_error)
+    count = sum(part.numel() for part in scaled_error)
+    return (total / count).sqrt()
+
+
 def ode_likelihood(
     score_fn: ScoreFn,
     sde: SDE,
@@ -141,7 +149,8 @@ def ode_likelihood(
     generator: Generator = None,
     method: str = "dopri5",
     probe: Tensor | None = None,
-    time_variable: str = "sqrt",
+    time_variable: str = "t",
+    error_norm: str = "joint",
 ) -> LikelihoodResult:
     """log p_eps(x) of the probability-flow ODE of ``score_fn``, for x (B, ...) in model space.
 
@@ -162,13 +171,23 @@ def ode_likelihood(
         generator: draws the probe; one generator, or one per example for results that do not
             depend on the rest of the batch.
         probe: an explicit probe (B, ...), overriding ``divergence``'s random draw.
-        time_variable: "sqrt" integrates in u = sqrt(t) (t = u^2, dt/du = 2u), "t" in t itself.
+        time_variable: "t" integrates in t itself, "sqrt" in u = sqrt(t) (t = u^2, dt/du = 2u).
             Near t = 0 the VP standard deviation grows like sqrt(b0 t), so the drift in t grows
-            like t^(-1/2) while the drift in u stays bounded; the solver needs fewer steps near
-            eps. On Gaussian data with dimensions of variance 5e-6 (the scale of dequantisation
-            noise) at rtol = atol = 1e-5 in float32: VP, eps 1e-5: 98 instead of 152
-            evaluations; subVP, eps 1e-2: 80 instead of 92; the same error (3e-5 to 4e-5 bits/dim
-            against a float64 solution at 1e-10). The state and tolerances are unchanged.
+            like t^(-1/2) while the drift in u stays bounded. That pays on Gaussian data (3072
+            dimensions with variances from 5e-6 to 0.5, VP, eps 1e-5, rtol = atol = 1e-5: 74
+            instead of 104 evaluations) but not on trained networks, whose solves are dominated
+            by the network's own variation at larger t (a small DDPM++ on 32x32 images: 464
+            instead of 404 evaluations, the same bits/dim); hence "t" by default.
+        error_norm: how the solver measures its local error e, scaled per coordinate by
+            atol + rtol |state|. "joint": the root mean square over all coordinates of
+            [x, delta_logp] together, as scipy's solve_ivp measures it (and so the reference
+            implementation); delta_logp is then B of the B (D + 1) coordinates, and its error is
+            held to the tolerance per data dimension, the unit of bits/dim. "separate": the
+            larger of the RMS over x and the RMS over delta_logp (torchdiffeq's default for a
+            tuple state), which holds the total log-density in nats to the tolerance: about 40%
+            more evaluations for D = 3072, for errors already far below a bit per thousand
+            dimensions. On the Gaussian data above, "joint" is within 2e-4 bits/dim of the
+            closed form (VP and subVP, float32 and float64).
 
     Returns a :class:`LikelihoodResult` (logp, prior_logp, delta_logp in nats, nfe, z). No
     gradient flows through the result.
@@ -177,6 +196,8 @@ def ode_likelihood(
         raise ValueError(f"unknown divergence {divergence!r}: use one of {DIVERGENCES}")
     if time_variable not in ("sqrt", "t"):
         raise ValueError(f"unknown time_variable {time_variable!r}: use 'sqrt' or 't'")
+    if error_norm not in ERROR_NORMS:
+        raise ValueError(f"unknown error_norm {error_norm!r}: use one of {ERROR_NORMS}")
     if probe is None and divergence != "exact":
         probe = draw_probe(x.shape, divergence, generator, x.device, x.dtype)
     batch = x.shape[0]
@@ -201,7 +222,8 @@ def ode_likelihood(
     times = torch.tensor(ends, device=x.device, dtype=x.dtype)
     init = (x.detach(), torch.zeros(batch, device=x.device, dtype=x.dtype))
     with torch.no_grad():
-        xs, delta = odeint(rhs, init, times, rtol=rtol, atol=atol, method=method)
+        options = {"norm": _joint_rms} if error_norm == "joint" else {}
+        xs, delta = odeint(rhs, init, times, rtol=rtol, atol=atol, method=method, options=options)
     z, delta_logp = xs[-1], delta[-1]
     prior_logp = sde.prior_logp(z)
     return LikelihoodResult(
