@@ -1,4 +1,4 @@
-"""Process-group helpers: rank, world size, sharding and gathering.
+"""Process-group and device helpers: rank, world size, sharding, gathering, CPU capabilities.
 
 Every function works without torch.distributed being initialised (one process, rank 0), so the
 drivers call them unconditionally. Under ``torchrun`` the drivers call :func:`init` once, which
@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = [
+    "cpu_has_bf16",
     "init",
     "destroy",
     "is_initialized",
@@ -87,6 +88,14 @@ def default_device(requested: str = "auto") -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() if launched_by_torchrun() else 0)
     return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX instructions)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def shard_indices(n: int, rank_: int | None = None, world: int | None = None) -> range:

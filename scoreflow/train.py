@@ -286,7 +286,7 @@ def _device_options(config, model: nn.Module, device: torch.device):
             log.info("training.compile is only used on GPUs; running eagerly on %s", device)
     if training.amp:
         log.info("training.amp: bf16 autocast of the network on %s", device)
-        if device.type == "cpu" and not _cpu_has_bf16():
+        if device.type == "cpu" and not distributed.cpu_has_bf16():
             log.warning(
                 "this CPU has no bf16 instructions: training.amp will be slower than float32"
             )
@@ -297,14 +297,6 @@ def _device_options(config, model: nn.Module, device: torch.device):
         return contextlib.nullcontext()
 
     return call_model, autocast
-
-
-def _cpu_has_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
