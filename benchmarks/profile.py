@@ -7,7 +7,8 @@ Measures, for the same weights and inputs, in one process pinned to ``--threads`
 - forward+vjp:  one forward pass and one vector-Jacobian product in x, which is what one
                 function evaluation of the likelihood ODE with a Hutchinson probe costs when
                 the drift and the divergence share the pass (the reference makes a second,
-                gradient-free forward pass for the drift);
+                gradient-free forward pass for the drift); again with our network's weights
+                frozen, as our evaluation runs it;
 - likelihood fn eval: our likelihood ODE right-hand side (score, divergence, SDE terms);
 - train step:   one full training step (loss, backward, clipping, Adam, EMA).
 
@@ -23,6 +24,7 @@ evaluation and of our training step is printed as well.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -93,12 +95,16 @@ def main(argv=None) -> dict:
 
         return run
 
+    # our evaluation freezes the score model (scoreflow.evaluate), which spares the activations
+    # that only weight gradients need; the reference's keeps requires_grad on
+    frozen_o = copy.deepcopy(net_o).eval().requires_grad_(False)
+
     def likelihood_rhs_ours():
         from scoreflow import likelihood as lik
         from scoreflow.score import get_score_fn
 
         sde = _ours.sde(cfg_o)
-        score_fn = get_score_fn(sde, net_o)
+        score_fn = get_score_fn(sde, frozen_o)
         t = torch.full((args.batch,), 0.3)
 
         def run():
@@ -132,6 +138,7 @@ def main(argv=None) -> dict:
     cases = {
         "forward": (forward(net_o), forward(net_r)),
         "forward+vjp": (forward_vjp(net_o), forward_vjp(net_r)),
+        "forward+vjp, ours frozen": (forward_vjp(frozen_o), forward_vjp(net_r)),
         "likelihood fn eval": (likelihood_rhs_ours(), likelihood_rhs_reference()),
     }
     report: dict = {"threads": args.threads, "batch": args.batch, "model": shape}
@@ -153,10 +160,11 @@ def main(argv=None) -> dict:
         t_r.append(_median_time(lambda: float(step_r(train_x)), 1))
     report["train step"] = {"ours_s": statistics.median(t_o), "reference_s": statistics.median(t_r)}
 
+    report_rows = list(cases) + ["train step"]
     floor_o, floor_r = report["forward"]["ours_s"], report["forward"]["reference_s"]
     print(f"{'measure':<22} {'ours (ms)':>10} {'ref (ms)':>10} {'ours/ref':>9} "
           f"{'ours/fwd':>9} {'ref/fwd':>9}")  # fmt: skip
-    for name in ("forward", "forward+vjp", "likelihood fn eval", "train step"):
+    for name in report_rows:
         o, r = report[name]["ours_s"], report[name]["reference_s"]
         print(
             f"{name:<22} {1e3 * o:10.1f} {1e3 * r:10.1f} {o / r:9.2f} "
@@ -166,7 +174,6 @@ def main(argv=None) -> dict:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        net_o.eval()
         run = likelihood_rhs_ours()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
@@ -180,6 +187,7 @@ def main(argv=None) -> dict:
                 run()
         print("\nreference, likelihood function evaluation (3 calls):")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+        net_o.train()  # dropout on, as in the timed steps above (the reference sets its own)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
                 float(step_o(train_x))
