@@ -176,18 +176,19 @@ def ode_likelihood(
             like t^(-1/2) while the drift in u stays bounded. That pays on Gaussian data (3072
             dimensions with variances from 5e-6 to 0.5, VP, eps 1e-5, rtol = atol = 1e-5: 74
             instead of 104 evaluations) but not on trained networks, whose solves are dominated
-            by the network's own variation at larger t (a small DDPM++ on 32x32 images: 464
-            instead of 404 evaluations, the same bits/dim); hence "t" by default.
+            by the network's own variation at larger t (a small DDPM++ on 32x32 images: 470
+            instead of 440 evaluations, and a larger error); hence "t" by default.
         error_norm: how the solver measures its local error e, scaled per coordinate by
             atol + rtol |state|. "joint": the root mean square over all coordinates of
             [x, delta_logp] together, as scipy's solve_ivp measures it (and so the reference
             implementation); delta_logp is then B of the B (D + 1) coordinates, and its error is
             held to the tolerance per data dimension, the unit of bits/dim. "separate": the
             larger of the RMS over x and the RMS over delta_logp (torchdiffeq's default for a
-            tuple state), which holds the total log-density in nats to the tolerance: about 40%
-            more evaluations for D = 3072, for errors already far below a bit per thousand
+            tuple state), which holds the total log-density in nats to the tolerance: 14% to
+            46% more evaluations for D = 3072, for errors already far below a bit per thousand
             dimensions. On the Gaussian data above, "joint" is within 2e-4 bits/dim of the
-            closed form (VP and subVP, float32 and float64).
+            closed form (VP and subVP, float32 and float64), on the network within 6e-4 of a
+            float64 solve at rtol = atol = 1e-7 (benchmarks/solver_settings.py).
 
     Returns a :class:`LikelihoodResult` (logp, prior_logp, delta_logp in nats, nfe, z). No
     gradient flows through the result.
