@@ -47,6 +47,7 @@ __all__ = [
 Generator = torch.Generator | Sequence[torch.Generator] | None
 DIVERGENCES = ("rademacher", "gaussian", "exact")
 ERROR_NORMS = ("joint", "separate")
+TIME_VARIABLES = ("t", "sqrt")
 
 
 @dataclass
@@ -195,8 +196,8 @@ def ode_likelihood(
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}: use one of {DIVERGENCES}")
-    if time_variable not in ("sqrt", "t"):
-        raise ValueError(f"unknown time_variable {time_variable!r}: use 'sqrt' or 't'")
+    if time_variable not in TIME_VARIABLES:
+        raise ValueError(f"unknown time_variable {time_variable!r}: use one of {TIME_VARIABLES}")
     if error_norm not in ERROR_NORMS:
         raise ValueError(f"unknown error_norm {error_norm!r}: use one of {ERROR_NORMS}")
     if probe is None and divergence != "exact":

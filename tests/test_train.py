@@ -15,7 +15,7 @@ import torch
 from conftest import cli_args, run_cli, tiny_config
 
 from scoreflow import checkpoints, factory, losses
-from scoreflow.train import EpochOrder, _device_options, learning_rate, preprocess, train
+from scoreflow.train import EpochOrder, _device_options, preprocess, train
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
@@ -45,13 +45,6 @@ def test_preprocess_dequantisation_and_flip():
     mirrored = (flipped == (plain * 2 - 1).flip(-1)).flatten(1).all(1)
     assert (same | mirrored).all()
     assert 120 < int((mirrored & ~same).sum()) < 280  # about half of 400
-
-
-def test_learning_rate_warm_up():
-    assert learning_rate(1, 2e-4, 5000) == pytest.approx(2e-4 / 5000)
-    assert learning_rate(2500, 2e-4, 5000) == pytest.approx(1e-4)
-    assert learning_rate(10**6, 2e-4, 5000) == 2e-4
-    assert learning_rate(1, 2e-4, 0) == 2e-4
 
 
 def _losses(workdir) -> list[float]:
