@@ -94,11 +94,11 @@ def main() -> None:
                 ]
             )
             report = json.loads((run_dir / "eval" / "report.json").read_text())
-            entry = report["checkpoints"][f"{snapshot}_{method}"]
+            entry = report["checkpoints"][f"{snapshot}_{method}_uniform"]
             table[name][method] = {
                 k: entry[k] for k in ("bpd", "bpd_stderr", "nfe_mean", "num_images", "seconds")
             }
-            arrays = np.load(run_dir / "eval" / f"bpd_ckpt_{snapshot}_{method}.npz")
+            arrays = np.load(run_dir / "eval" / f"bpd_ckpt_{snapshot}_{method}_uniform.npz")
             per_image[name, method] = arrays["bpd"].mean(axis=0)
 
     paired = {}

@@ -14,6 +14,7 @@ Two folders are used by the training drivers:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ __all__ = [
     "list_checkpoints",
     "load_latest",
     "prune",
+    "file_digest",
 ]
 
 _NUMBERED = re.compile(r"^checkpoint_(\d+)\.pth$")
@@ -137,6 +139,15 @@ def prune(folder: str | os.PathLike, keep: int) -> None:
     """Delete all but the ``keep`` newest numbered checkpoints of ``folder``."""
     for _, path in list_checkpoints(folder)[:-keep]:
         path.unlink(missing_ok=True)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the file's bytes, as a hex string: the identity of a checkpoint's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def restore_ema_weights(model: torch.nn.Module, state: dict[str, Any]) -> None:

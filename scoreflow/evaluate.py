@@ -14,15 +14,20 @@ For every snapshot ``<workdir>/checkpoints/checkpoint_<k>.pth`` with
 
 Outputs in ``<workdir>/<eval_folder>/``:
 
-- ``bpd_ckpt_<k>_<method>.npz``: per-image values: ``bpd`` (repeats, images), ``nll_nats`` (the
+- ``bpd_ckpt_<k>_<method>_<dequantization>.npz`` (method ``ode`` or ``bound``, dequantization
+  ``uniform`` or ``variational``): per-image values: ``bpd`` (repeats, images), ``nll_nats`` (the
   continuous negative log-likelihood in model space), ``log_q`` (nats), ``nfe`` (repeats,
   batches), ``indices`` (the images' positions in the split);
-- ``report.json``: one entry per snapshot with ``bpd``, ``bpd_stderr``, ``method``,
+- ``report.json``: one entry per snapshot, method and dequantisation (key
+  ``<k>_<method>_<dequantization>``) with ``bpd``, ``bpd_stderr``, ``method``,
   ``dequantization``, ``num_images``, ``num_repeats``, ``nfe_mean``, ``checkpoint``, ``step``,
-  ``seconds``, ``dataset``, ``data_source`` and the settings used;
+  ``seconds``, ``dataset``, ``data_source``, the SHA-256 of the snapshot file (and of the
+  dequantiser's) and the settings used;
 - ``bpd_curve.png``: bits/dim against training step over the evaluated snapshots;
-- ``progress_ckpt_<k>_<method>[_rank<r>].pt``: partial results, written atomically after every
-  batch, from which a killed evaluation continues.
+- ``progress_ckpt_<k>_<method>_<dequantization>[_rank<r>].pt``: partial results, written
+  atomically after every batch, from which a killed evaluation continues. They are used only
+  when the settings and the checkpoint files (by their SHA-256) are the ones they were computed
+  with; a snapshot or dequantiser trained anew starts the evaluation afresh.
 
 Reproducibility: all randomness of image i in repeat r (dequantisation noise, Hutchinson probe,
 bound's times and noise) comes from generators seeded by (config.seed, r, i), and batches are
@@ -204,9 +209,14 @@ def _bpd_snapshot(
     dequantizer,
     settings: dict[str, Any],
     eval_dir: Path,
-    ckpt: int,
+    run_name: str,
+    fingerprint: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Bits/dim of every image for one snapshot: (report entry, per-image arrays)."""
+    """Bits/dim of every image for one snapshot: (report entry, per-image arrays).
+
+    ``run_name`` (``<k>_<method>_<dequantization>``) names the progress file; ``fingerprint``
+    (the settings and the checkpoint files' digests) decides whether that file can be resumed.
+    """
     device = next(model.parameters()).device
     num_images, num_repeats = images.shape[0], settings["num_repeats"]
     batch_size = settings["batch_size"]
@@ -219,8 +229,8 @@ def _bpd_snapshot(
     # this rank's whole batches
     my_batches = distributed.shard_indices(num_batches)
     suffix = f"_rank{distributed.rank()}" if distributed.world_size() > 1 else ""
-    name = f"progress_ckpt_{ckpt}_{settings['method']}{suffix}.pt"
-    progress = _Progress(eval_dir / name, settings, num_repeats, num_images, num_batches)
+    name = f"progress_ckpt_{run_name}{suffix}.pt"
+    progress = _Progress(eval_dir / name, fingerprint, num_repeats, num_images, num_batches)
     my_images = min(my_batches.stop * batch_size, num_images) - my_batches.start * batch_size
     done_images = sum(
         min((b + 1) * batch_size, num_images) - b * batch_size
@@ -231,7 +241,7 @@ def _bpd_snapshot(
     bar = records.progress(
         total=num_repeats * max(my_images, 0),
         initial=done_images,
-        desc=f"bpd ckpt {ckpt}",
+        desc=f"bpd ckpt {run_name}",
         unit="image",
     )
 
@@ -277,7 +287,7 @@ def _bpd_snapshot(
         "bpd": float(per_image.mean()),
         "bpd_stderr": float(stderr),
         "nll_nats_mean": float(nll.mean()),
-        "neg_log_q_bpd": float(-log_q.mean() / (dim * math.log(2))),
+        "log_q_bpd": float(log_q.mean() / (dim * math.log(2))),
         "nfe_mean": float(nfe.mean()),
         "num_images": int(num_images),
         "num_repeats": int(num_repeats),
@@ -345,7 +355,7 @@ def evaluate(
     )
 
     # the images and the dequantiser
-    images, dequantizer, settings = None, None, {}
+    images, dequantizer, settings, deq_identity = None, None, {}, {}
     if evaluation.enable_bpd:
         train_set, test_set = factory.get_datasets(config)
         dataset = test_set if evaluation.bpd_dataset == "test" else train_set
@@ -359,6 +369,10 @@ def evaluate(
         if evaluation.dequantizer:
             flow, deq_path = load_dequantizer(config, workdir / deq_folder / "checkpoints", device)
             log.info("variational dequantiser from %s", deq_path)
+            deq_identity = {
+                "dequantizer_checkpoint": str(deq_path),
+                "dequantizer_sha256": checkpoints.file_digest(deq_path),
+            }
             dequantizer = VariationalDequantizer(flow)
             dequantization = "variational"
         else:
@@ -409,14 +423,25 @@ def evaluate(
         entry: dict[str, Any] = {"checkpoint": ckpt, "checkpoint_path": str(path), "step": step}
 
         if evaluation.enable_bpd:
+            run_name = f"{ckpt}_{settings['method']}_{settings['dequantization']}"
+            identity = {"checkpoint_sha256": checkpoints.file_digest(path), **deq_identity}
             bpd_entry, arrays = _bpd_snapshot(
-                config, sde, model, images, dequantizer, settings, eval_dir, ckpt
+                config,
+                sde,
+                model,
+                images,
+                dequantizer,
+                settings,
+                eval_dir,
+                run_name,
+                {**settings, **identity},
             )
             entry.update(bpd_entry)
+            entry.update(identity)
             entry.update({k: settings[k] for k in ("method", "dequantization", "dataset")})
             entry["data_source"] = settings["data_source"]
             if distributed.is_main():
-                np.savez(eval_dir / f"bpd_ckpt_{ckpt}_{settings['method']}.npz", **arrays)
+                np.savez(eval_dir / f"bpd_ckpt_{run_name}.npz", **arrays)
             log.info(
                 "snapshot %d: %.4f +- %.4f bits/dim (%s, %s dequantisation, %d images x %d, "
                 "mean NFE %.1f)",
@@ -435,7 +460,7 @@ def evaluate(
 
             entry.update(run_sampling_eval(config, sde, model, str(eval_dir), ckpt))
 
-        key = f"{ckpt}_{settings['method']}" if evaluation.enable_bpd else str(ckpt)
+        key = run_name if evaluation.enable_bpd else str(ckpt)
         report["checkpoints"][key] = entry
         if distributed.is_main():
             _write_json_atomic(report, report_path)

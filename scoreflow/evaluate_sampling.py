@@ -279,7 +279,7 @@ def run_sampling_eval(
     """Sample ``eval.num_samples`` images from ``model`` (its EMA weights) and score them.
 
     Resumable and rank-independent (see the module docstring). Returns ``{"num_samples",
-    "nfe_mean", "sampler", "samples_dir", "fid", "kid", "kid_std", "inception_score",
+    "sampling_nfe_mean", "sampler", "samples_dir", "fid", "kid", "kid_std", "inception_score",
     "inception_score_10_splits", "inception_network", "stats_source"}``; the metrics are None
     when no Inception network is installed (a warning says how to get one) and the Inception
     score is None without logits. The dict is the same on every rank.
@@ -369,7 +369,7 @@ def _score_rounds(
                     logits.append(stats["logits"])
     result: dict[str, Any] = {
         "num_samples": int(sum(counts)),
-        "nfe_mean": float(np.average(nfes, weights=counts)),
+        "sampling_nfe_mean": float(np.average(nfes, weights=counts)),
         "sampler": sampler,
         "samples_dir": str(sample_dir),
         "fid": None,

@@ -234,12 +234,17 @@ def test_two_process_evaluation_gives_the_same_bits_per_dim(one_process):
     two = torchrun(cli_args(one_process, "eval", **settings) + ["--eval_folder=eval2"])
     assert two.returncode == 0, two.stderr[-3000:]
 
-    a, b = (np.load(one_process / folder / "bpd_ckpt_2_ode.npz") for folder in ("eval1", "eval2"))
+    a, b = (
+        np.load(one_process / folder / "bpd_ckpt_2_ode_uniform.npz")
+        for folder in ("eval1", "eval2")
+    )
     assert a["bpd"].shape == b["bpd"].shape == (1, 10)
     np.testing.assert_allclose(b["bpd"], a["bpd"], rtol=1e-6)
     np.testing.assert_array_equal(b["nfe"], a["nfe"])
     ra, rb = (
-        json.loads((one_process / folder / "report.json").read_text())["checkpoints"]["2_ode"]
+        json.loads((one_process / folder / "report.json").read_text())["checkpoints"][
+            "2_ode_uniform"
+        ]
         for folder in ("eval1", "eval2")
     )
     for key in ("bpd", "bpd_stderr", "nfe_mean", "num_images"):

@@ -255,7 +255,7 @@ def test_sampling_eval_resumes_and_does_not_depend_on_the_number_of_ranks(tmp_pa
 
     result = evaluate_sampling.run_sampling_eval(config, sde, model, tmp_path / "one", 3)
     assert calls == [4, 4, 2]
-    assert result["num_samples"] == 10 and result["nfe_mean"] == 8
+    assert result["num_samples"] == 10 and result["sampling_nfe_mean"] == 8
     rounds = [np.load(tmp_path / "one/samples_ckpt_3" / f"samples_{r}.npz") for r in range(3)]
     images = np.concatenate([r["samples"] for r in rounds])
     assert images.shape == (10, 1, 8, 8) and images.dtype == np.uint8
@@ -410,6 +410,6 @@ def test_end_to_end_with_ncsnpp_and_the_default_inception(tmp_path):
     torch.manual_seed(0)
     model = factory.get_model(config)
     result = evaluate_sampling.run_sampling_eval(config, VPSDE(), model, tmp_path / "eval", 1)
-    assert result["num_samples"] == 6 and result["nfe_mean"] > 10
+    assert result["num_samples"] == 6 and result["sampling_nfe_mean"] > 10
     assert np.isfinite(result["fid"]) and result["fid"] > 0 and np.isfinite(result["kid"])
     assert result["inception_score"] is None  # the TorchScript port has no logits
