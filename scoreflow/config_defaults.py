@@ -76,12 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
     evaluate.batch_size = 1024
     evaluate.enable_sampling = False
     evaluate.num_samples = 50000
-    evaluate.enable_loss = False
+    evaluate.enable_loss = False  # kept for the reference's flags; True is refused
     evaluate.enable_bpd = True
     evaluate.bpd_dataset = "test"  # train | test
     evaluate.num_repeats = 5
     evaluate.bound = False
-    evaluate.dsm = True
+    evaluate.dsm = True  # the bound by denoising score matching (False, sliced, is refused)
     evaluate.dequantizer = False
     evaluate.offset = True
     evaluate.rtol = 1e-5  # scoreflow: likelihood ODE tolerances

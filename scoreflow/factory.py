@@ -58,6 +58,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if training.batch_size < 1:
         raise ConfigError("training.batch_size must be at least 1")
+    if config.eval.enable_loss:
+        raise ConfigError(
+            "eval.enable_loss (the DSM loss of every snapshot on the test split) is not "
+            "implemented; training records the EMA weights' loss on a held-out batch every "
+            "training.eval_freq steps (curve.csv, TensorBoard). Set --config.eval.enable_loss=False"
+        )
+    if not config.eval.dsm:
+        raise ConfigError(
+            "eval.dsm=False (the bound by sliced score matching) is not implemented; the bound "
+            "uses denoising score matching: set --config.eval.dsm=True"
+        )
 
 
 def get_model(config: ml_collections.ConfigDict):

@@ -118,11 +118,27 @@ def test_terms_add_up_and_the_entropy_is_in_the_offset():
     parts = prior_term(sde, x) + diffusion_term(score_fn, sde, x, eps, 5, True, gen)
     parts = parts + offset_term(score_fn, sde, x, eps, gen)
     assert torch.allclose(total, parts)
-    # with the exact score the decoder is nearly exact: reconstruction and entropy cancel up to
-    # the volume change -D log alpha(eps) of x_0 -> alpha x_0
-    offset = offset_term(score_fn, sde, x, eps, torch.Generator().manual_seed(1))
-    alpha, _ = coefs(sde, eps)
-    assert torch.allclose(offset, -3 * torch.log(alpha).expand(8), atol=0.05)
+
+
+def test_offset_term_against_its_closed_form_for_a_linear_score():
+    """For s(y) = -y / c, x_eps = alpha x + std z and E||std s + z||^2 =
+    D (1 - std^2 / c)^2 + std^2 alpha^2 ||x||^2 / c^2, so the offset's expectation is
+    -D log alpha - D / 2 + E||std s + z||^2 / 2. At eps = 0.3 the volume term -D log alpha
+    (about 1.4 here) and the score's error both matter."""
+    sde, eps, c, dim, draws = VPSDE(), 0.3, 0.5, 3, 20000
+    x = torch.tensor([[0.3, -0.7, 1.1], [0.0, 0.5, -0.2]], dtype=torch.float64)
+    alpha, std = (float(v) for v in coefs(sde, eps))
+    expected = (
+        -dim * math.log(alpha)
+        - dim / 2
+        + 0.5 * (dim * (1 - std**2 / c) ** 2 + std**2 * alpha**2 * x.square().sum(1) / c**2)
+    )
+    samples = offset_term(
+        lambda y, t: -y / c, sde, x.repeat(draws, 1), eps, torch.Generator().manual_seed(1)
+    ).view(draws, 2)
+    mean, stderr = samples.mean(0), samples.std(0) / math.sqrt(draws)
+    assert (abs(mean - expected) < 4 * stderr).all()
+    assert -dim * math.log(alpha) > 1.3 and (stderr < 0.01).all()
 
 
 def test_gradient_with_respect_to_x_matches_finite_differences():

@@ -51,6 +51,16 @@ def test_help():
              "--config.training.eval_freq=0"],
             "eval_freq must be at least 1",
         ),
+        (
+            ["--config", DIGITS_CONFIG, "--workdir", "{w}", "--mode", "eval",
+             "--config.eval.dsm=False"],
+            "eval.dsm=False",
+        ),
+        (
+            ["--config", DIGITS_CONFIG, "--workdir", "{w}", "--mode", "eval",
+             "--config.eval.enable_loss=True"],
+            "eval.enable_loss",
+        ),
     ],
 )  # fmt: skip
 def test_user_mistakes_give_one_line_and_status_2(args, fragment, tmp_path):
