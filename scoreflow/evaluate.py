@@ -441,7 +441,8 @@ def evaluate(
             entry.update({k: settings[k] for k in ("method", "dequantization", "dataset")})
             entry["data_source"] = settings["data_source"]
             if distributed.is_main():
-                np.savez(eval_dir / f"bpd_ckpt_{run_name}.npz", **arrays)
+                npz_path = eval_dir / f"bpd_ckpt_{run_name}.npz"
+                checkpoints.write_atomic(npz_path, lambda f: np.savez(f, **arrays))
             log.info(
                 "snapshot %d: %.4f +- %.4f bits/dim (%s, %s dequantisation, %d images x %d, "
                 "mean NFE %.1f)",
