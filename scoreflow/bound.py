@@ -32,7 +32,7 @@ from torch import Tensor
 from scoreflow.importance import ImportanceSampler
 from scoreflow.likelihood import Generator, rand, randn
 from scoreflow.score import ScoreFn
-from scoreflow.sde import SDE, _expand
+from scoreflow.sde import SDE, expand_like
 
 __all__ = ["negative_elbo", "prior_term", "diffusion_term", "offset_term"]
 
@@ -87,7 +87,7 @@ def diffusion_term(
         x_t = sde.perturb(x, t, z)
         score = score_fn(x_t, t)
         std = sde.marginal_coefs(t)[1]
-        residual = _sum_dims((_expand(std, x) * score + z) ** 2) - _sum_dims(z**2)
+        residual = _sum_dims((expand_like(std, x) * score + z) ** 2) - _sum_dims(z**2)
         if sampler is not None:
             total = total + sampler.normalizer * residual
         else:
@@ -124,7 +124,7 @@ def offset_term(
     alpha, std = sde.marginal_coefs(t)
     z = randn(x.shape, generator, x.device, x.dtype)
     score = score_fn(sde.perturb(x, t, z), t)
-    residual = _sum_dims((_expand(std, x) * score + z) ** 2) - _sum_dims(z**2)
+    residual = _sum_dims((expand_like(std, x) * score + z) ** 2) - _sum_dims(z**2)
     return -dim * torch.log(alpha) + 0.5 * residual
 
 

@@ -11,9 +11,12 @@ Two published sources are read:
   state, a msgpack map ``{step, optimizer: {target: params, state}, lr, model_state, ema_rate,
   params_ema, rng}`` (the dequantiser's ``DeqState`` has ``ema_train_bpd``/``ema_eval_bpd``
   instead of ``model_state``). Arrays are msgpack extension objects (code 1) whose payload is
-  itself msgpack of ``(shape, dtype name, raw C-order bytes)``; numpy scalars are code 3
-  ``(dtype name, bytes)``. They are decoded here with the ``msgpack`` package alone: Flax, JAX
-  and TensorFlow are not needed.
+  itself msgpack of ``(shape, dtype name, raw C-order bytes)``; numpy scalars are code 3 with the
+  same payload, of shape ``()``. They are decoded here with the ``msgpack`` package alone: Flax,
+  JAX and TensorFlow are not needed.
+
+score_flow's VP/subVP networks with the Fourier time embedding take t itself where ours (like
+score_sde_pytorch's) take log sigma; they are refused with NotImplementedError.
 
 The Flax parameter tree of the score network is derived from our module list: Flax names each
 submodule ``<Class>_<k>``, counting per class in order of creation inside its parent, and the
@@ -38,6 +41,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -51,6 +55,7 @@ from scoreflow.nets.ncsnpp import (
     ResnetBlockDDPM,
     Upsample,
 )
+from scoreflow.sde import SDE, VESDE
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,7 @@ __all__ = [
     "convert_flax_score_checkpoint",
     "convert_flax_dequantizer_checkpoint",
     "load_score_sde_pytorch_checkpoint",
+    "load_config_file",
     "convert_main",
 ]
 
@@ -93,19 +99,25 @@ class ConversionError(ValueError):
 # Flax msgpack files
 
 
+def _decode_ndarray(data: bytes) -> np.ndarray:
+    """The array of an extension payload, msgpack of ``(shape, dtype name, C-order bytes)``."""
+    import msgpack
+
+    shape, dtype_name, buffer = msgpack.unpackb(data, raw=False)
+    try:
+        dtype = np.dtype(dtype_name)
+    except TypeError as err:
+        raise ConversionError(f"array of unsupported dtype {dtype_name!r} in the file") from err
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
 def _decode_ext(code: int, data: bytes) -> Any:
     import msgpack
 
     if code == _NDARRAY_EXT:
-        shape, dtype_name, buffer = msgpack.unpackb(data, raw=False)
-        try:
-            dtype = np.dtype(dtype_name)
-        except TypeError as err:
-            raise ConversionError(f"array of unsupported dtype {dtype_name!r} in the file") from err
-        return np.frombuffer(buffer, dtype=dtype).reshape(shape)
-    if code == _NPSCALAR_EXT:
-        dtype_name, buffer = msgpack.unpackb(data, raw=False)
-        return np.frombuffer(buffer, dtype=np.dtype(dtype_name))[0]
+        return _decode_ndarray(data)
+    if code == _NPSCALAR_EXT:  # written as a 0-d array
+        return _decode_ndarray(data)[()]
     if code == _COMPLEX_EXT:
         real, imag = msgpack.unpackb(data, raw=False)
         return complex(real, imag)
@@ -229,13 +241,28 @@ def _score_key_map(model: NCSNpp) -> dict[str, tuple[tuple[str, ...], str]]:
     return mapping
 
 
-def flax_score_params_to_state_dict(params: dict[str, Any], model: NCSNpp) -> dict[str, Tensor]:
+def _check_time_embedding(model: NCSNpp, sde: SDE | None) -> None:
+    """Refuse a network whose score_flow time embedding is not ours (see the module docstring)."""
+    if model.embedding_type == "fourier" and not isinstance(sde, VESDE):
+        raise NotImplementedError(
+            "score_flow's Fourier embedding of the VP/subVP time takes t itself, ours log sigma, "
+            "so its weights would give another function: only positional-embedding networks and "
+            "Fourier ones of the VE SDE (pass sde=VESDE(...)) convert"
+        )
+
+
+def flax_score_params_to_state_dict(
+    params: dict[str, Any], model: NCSNpp, sde: SDE | None = None
+) -> dict[str, Tensor]:
     """Our state dict (``sigmas`` buffer included) from a score_flow NCSNpp parameter tree.
 
+    ``sde`` is the checkpoint's SDE; it is needed (and must be a VESDE) only for a network with
+    the Fourier time embedding, which raises NotImplementedError otherwise.
     Strict: raises ConversionError naming any parameter that is missing from the tree, any tree
     entry that no parameter uses, and any shape that does not fit. The blocks' ``Dense_0``
     layers of an unconditional network, which Flax does not create, are set to zero.
     """
+    _check_time_embedding(model, sde)
     flat = _flatten(_unwrap_params(params))
     target = model.state_dict()
     state: dict[str, Tensor] = {}
@@ -287,16 +314,21 @@ def _flax_state_parts(tree: dict[str, Any], path: Path) -> tuple[Any, Any, int, 
     return tree, tree, 0, None
 
 
-def convert_flax_score_checkpoint(path: str | os.PathLike, model: NCSNpp) -> dict[str, Any]:
+def convert_flax_score_checkpoint(
+    path: str | os.PathLike, model: NCSNpp, sde: SDE | None = None
+) -> dict[str, Any]:
     """Our training state ``{"model", "ema", "step"}`` from a score_flow score-model checkpoint.
 
     ``model`` is an :class:`NCSNpp` built from the checkpoint's config; its ``sigmas`` buffer is
-    taken over (the Flax code computes the noise scales instead of storing them).
+    taken over (the Flax code computes the noise scales instead of storing them). ``sde``, the
+    checkpoint's SDE, matters only for the Fourier time embedding: NotImplementedError unless
+    it is a VESDE (checked before the file is read).
     """
+    _check_time_embedding(model, sde)
     path = Path(path)
     params, params_ema, step, rate = _flax_state_parts(read_flax_msgpack(path), path)
-    weights = flax_score_params_to_state_dict(params, model)
-    ema = flax_score_params_to_state_dict(params_ema, model)
+    weights = flax_score_params_to_state_dict(params, model, sde)
+    ema = flax_score_params_to_state_dict(params_ema, model, sde)
     state = _training_state(model, weights, ema, step, 0.9999 if rate is None else rate)
     log.info("converted the Flax score model of %s (step %d)", path, state["step"])
     return state
@@ -447,14 +479,17 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ValueError(f"convert: {message}")
 
 
-def _load_config(path: str):
-    """``get_config()`` of the ml_collections config file ``path``."""
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """``get_config()`` of the ml_collections config file ``path`` (a Python file).
+
+    Raises FileNotFoundError for a missing file and ValueError for one without get_config().
+    """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"config file {file} does not exist")
     spec = importlib.util.spec_from_file_location(f"_scoreflow_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {file} has no get_config() function")
     return module.get_config()
@@ -465,11 +500,13 @@ def convert_main(argv: list[str]) -> int:
     --config CONFIG_FILE``: write the foreign checkpoint FILE as our training state.
 
     The config names the architecture (the file the checkpoint was trained with, e.g.
-    configs/vp/cifar10_ddpmpp_continuous.py). Returns 0; user mistakes raise ValueError or
-    FileNotFoundError with a one-line message.
+    configs/vp/cifar10_ddpmpp_continuous.py). Logs what it reads and writes to the console.
+    Returns 0; user mistakes raise ValueError or FileNotFoundError with a one-line message, an
+    unsupported checkpoint NotImplementedError.
     """
-    from scoreflow import checkpoints, factory
+    from scoreflow import checkpoints, factory, records
 
+    records.setup_logging()
     parser = _ArgumentParser(
         prog="scoreflow convert",
         description="Convert a published checkpoint into a scoreflow training state.",
@@ -486,20 +523,18 @@ def convert_main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="config file of the checkpoint's model")
     args = parser.parse_args(argv)
 
-    config = _load_config(args.config)
+    config = load_config_file(args.config)
+    log.info("convert: %s checkpoint %s, architecture of %s", args.kind, args.input, args.config)
     if args.kind == "deq":
-        state = convert_flax_dequantizer_checkpoint(args.input, factory.get_dequantizer(config))
+        network = factory.get_dequantizer(config)
+        state = convert_flax_dequantizer_checkpoint(args.input, network)
     else:
-        model = factory.get_model(config)
+        network = factory.get_model(config)
         if args.kind == "score":
-            if model.embedding_type == "fourier" and config.training.sde.lower() != "vesde":
-                raise ValueError(
-                    "score_flow's Fourier embedding of t (VP/subVP) differs from ours (of log "
-                    "sigma); only positional-embedding or VE checkpoints convert exactly"
-                )
-            state = convert_flax_score_checkpoint(args.input, model)
+            state = convert_flax_score_checkpoint(args.input, network, factory.get_sde(config))
         else:
-            state = load_score_sde_pytorch_checkpoint(args.input, model)
+            state = load_score_sde_pytorch_checkpoint(args.input, network)
+    num_params = sum(p.numel() for p in network.parameters())
     out = checkpoints.save_atomic(state, args.output)
-    log.info("wrote %s", out)
+    log.info("wrote %s (step %d, %d parameters)", out, state["step"], num_params)
     return 0

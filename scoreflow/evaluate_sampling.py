@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from scoreflow import checkpoints, distributed, metrics, records
+from scoreflow.convert import load_config_file
 from scoreflow.sampling import ode_sample, pc_sample
 from scoreflow.score import get_score_fn
 from scoreflow.sde import SDE
@@ -79,7 +79,8 @@ def sampler_description(config: ml_collections.ConfigDict) -> str:
         )
     else:
         raise ValueError(f"unknown sampling.method {s.method!r}: set it to ode or pc")
-    return text + f", eps={s.smallest_time:g}, denoise={bool(s.noise_removal)})"
+    denoise = "tweedie" if s.noise_removal else "none"
+    return text + f", eps={s.smallest_time:g}, denoise={denoise})"
 
 
 def get_sampler(
@@ -124,7 +125,11 @@ def round_generator(
 
 
 def to_uint8(x: Tensor, inverse_scaler: Callable[[Tensor], Tensor]) -> np.ndarray:
-    """Model-space samples -> uint8 (N, C, H, W): round(255 clip(inverse_scaler(x), 0, 1))."""
+    """Model-space samples -> uint8 (N, C, H, W): round(255 clip(inverse_scaler(x), 0, 1)).
+
+    Rounding to the nearest level is unbiased; the reference truncates (``astype(uint8)`` of
+    255 clip(x)), which darkens every pixel by half a level on average.
+    """
     images = inverse_scaler(x).clamp(0.0, 1.0) * 255.0
     return images.round().to(torch.uint8).cpu().numpy()
 
@@ -201,8 +206,42 @@ def compute_data_statistics(
     return {"pool_3": pool_3.astype(np.float32), "mu": mu, "sigma": sigma}
 
 
-def _load_stats_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """mu, sigma (and pool_3 when present) of a statistics npz."""
+def _network_file(inception_file: str) -> str:
+    """The Inception weights in use: ``inception_file``, else the default TorchScript port."""
+    return inception_file or str(metrics.default_inception_path())
+
+
+def _check_stats_network(
+    stats: dict[str, np.ndarray], path: Path, network: str, convention: str
+) -> None:
+    """Warn when a statistics file names another Inception network than the samples' one.
+
+    Files are told apart by the weights' file name (the folder may differ between machines)
+    and by the preprocessing convention; a file without a ``network`` entry is not checked.
+    """
+    if "network" not in stats:
+        return
+    theirs = str(stats["network"])
+    their_convention = str(stats["convention"]) if "convention" in stats else convention
+    if Path(theirs).name != Path(network).name or their_convention != convention:
+        log.warning(
+            "FID statistics %s were made with the Inception network %s, the samples' features "
+            "with %s: FID and KID are then not comparable with published figures (make the "
+            "statistics with the same network: scoreflow fid-stats --inception ...)",
+            path,
+            theirs,
+            network,
+        )
+
+
+def _load_stats_file(
+    path: str | os.PathLike, network: str | None = None, convention: str | None = None
+) -> dict[str, np.ndarray]:
+    """mu, sigma (and pool_3 when present) of a statistics npz.
+
+    With ``network`` (weights file of the samples' Inception network) and ``convention`` (its
+    preprocessing, "tf" or "pytorch_fid"), a file made with another network draws a warning.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -216,6 +255,8 @@ def _load_stats_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if "pool_3" not in stats:
             raise ValueError(f"{path} has neither mu/sigma nor pool_3 (keys: {sorted(stats)})")
         stats["mu"], stats["sigma"] = metrics.feature_statistics(stats["pool_3"])
+    if network is not None and convention is not None:
+        _check_stats_network(stats, path, network, convention)
     return stats
 
 
@@ -236,12 +277,14 @@ def _reference_statistics(
     """The reference statistics and where they came from: ``eval.stats_file``, else the official
     file at its reference location ``assets/stats/`` (CIFAR-10, ImageNet) if present, else the
     training split (computed once, cached in ``eval_dir``)."""
+    network = _network_file(config.eval.inception_file)
     if config.eval.stats_file:
-        return _load_stats_file(config.eval.stats_file), str(config.eval.stats_file)
+        stats = _load_stats_file(config.eval.stats_file, network, net.convention)
+        return stats, str(config.eval.stats_file)
     official = _official_stats_path(config)
     if official is not None and official.is_file():
         log.info("FID reference statistics: %s", official)
-        return _load_stats_file(official), str(official)
+        return _load_stats_file(official, network, net.convention), str(official)
     tag = _network_tag(net, config.eval.inception_file)
     cache = eval_dir / f"data_stats_{config.data.dataset}_train_{tag}.npz"
     if not cache.is_file():
@@ -250,8 +293,10 @@ def _reference_statistics(
         train, _ = factory.get_datasets(config)
         log.info("computing Inception statistics of the training split (%d images)", len(train))
         stats = compute_data_statistics(data.dataset_images(train), net)
-        _savez_atomic(cache, **stats)
-    return _load_stats_file(cache), str(cache)
+        _savez_atomic(
+            cache, **stats, network=np.array(network), convention=np.array(net.convention)
+        )
+    return _load_stats_file(cache, network, net.convention), str(cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,9 +428,7 @@ def _score_rounds(
     if net is None:
         return result
 
-    result["inception_network"] = config.eval.inception_file or str(
-        metrics.default_inception_path()
-    )
+    result["inception_network"] = _network_file(config.eval.inception_file)
     features = np.concatenate(pools).astype(np.float64)
     reference, source = _reference_statistics(config, net, eval_dir)
     result["stats_source"] = source
@@ -417,25 +460,16 @@ def _score_rounds(
 # scoreflow fid-stats
 
 
-def _load_config_file(path: str) -> ml_collections.ConfigDict:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    spec = importlib.util.spec_from_file_location("scoreflow_stats_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} has no get_config()")
-    return module.get_config()
-
-
 def stats_main(argv: list[str]) -> int:
     """``scoreflow fid-stats --config CONFIG --split train|test --output FILE.npz
     [--inception FILE] [--data_root DIR] [--batch_size N] [--device D] [--max_images N]``.
 
     Writes ``pool_3`` (N, 2048) float32 features, their ``mu`` and ``sigma`` (float64), and the
-    metadata ``dataset``, ``split``, ``num_images``, ``network``. Raises ValueError or
-    FileNotFoundError with a one-line message for user mistakes.
+    metadata ``dataset``, ``split``, ``num_images``, ``network`` (the Inception weights file) and
+    ``convention`` (its preprocessing). Raises ValueError or FileNotFoundError with a one-line
+    message for user mistakes.
     """
+    records.setup_logging()
     parser = argparse.ArgumentParser(
         prog="scoreflow fid-stats",
         description="Inception pool_3 statistics of a data set, for FID/KID reference files.",
@@ -452,7 +486,7 @@ def stats_main(argv: list[str]) -> int:
 
     from scoreflow import data, factory
 
-    config = _load_config_file(args.config)
+    config = load_config_file(args.config)
     if args.data_root is not None:
         config.data.root = args.data_root
     output = Path(args.output)
@@ -465,9 +499,15 @@ def stats_main(argv: list[str]) -> int:
     images = data.dataset_images(train if args.split == "train" else test)
     if args.max_images > 0:
         images = images[: args.max_images]
-    log.info("fid-stats: %d %s images of %s", len(images), args.split, config.data.dataset)
+    network = _network_file(args.inception)
+    log.info(
+        "fid-stats: %d %s images of %s through %s",
+        len(images),
+        args.split,
+        config.data.dataset,
+        network,
+    )
     stats = compute_data_statistics(images, net, batch_size=args.batch_size)
-    network = args.inception or str(metrics.default_inception_path())
     _savez_atomic(
         output,
         **stats,
@@ -475,6 +515,7 @@ def stats_main(argv: list[str]) -> int:
         split=np.array(args.split),
         num_images=np.array(len(images)),
         network=np.array(network),
+        convention=np.array(net.convention),
     )
-    log.info("wrote %s", output)
+    log.info("wrote %s (pool_3 %s, mu, sigma)", output, stats["pool_3"].shape)
     return 0

@@ -32,7 +32,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from scoreflow.score import ScoreFn
-from scoreflow.sde import SDE, _expand
+from scoreflow.sde import SDE, expand_like
 
 __all__ = [
     "LikelihoodResult",
@@ -216,7 +216,7 @@ def ode_likelihood(
         vec_t = t.expand(batch)
         score, score_div = _score_and_divergence(score_fn, x_t, vec_t, probe)
         g2 = sde.diffusion(vec_t) ** 2
-        drift = sde.drift(x_t, vec_t) - 0.5 * _expand(g2, x_t) * score
+        drift = sde.drift(x_t, vec_t) - 0.5 * expand_like(g2, x_t) * score
         drift_div = sde.drift_divergence(x_t, vec_t) - 0.5 * g2 * score_div
         return drift * dt_du, drift_div * dt_du
 

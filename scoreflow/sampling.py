@@ -26,9 +26,18 @@ at every t_i first ``n_steps_each`` corrector steps, then one predictor step of 
   step = 2 a (snr ||z|| / ||s||)^2 with the norms averaged over the batch and a = exp(-beta(t) h)
   for VP/subVP (1 for VE); x <- x + step s + sqrt(2 step) z.
 
-Denoising (sampling.noise_removal): the last predictor step, at t = eps, returns its mean (no noise
-added). The ODE sampler ends likewise with one reverse-diffusion step from eps towards 0 without
-noise, which to first order in eps is Tweedie's formula x_0 = (x + std^2 s) / alpha.
+Denoising (sampling.noise_removal): both samplers end at t = eps with Tweedie's formula, the
+posterior mean of the clean data given x_eps,
+
+    x_0 = E[x_0 | x_eps] = (x + std(eps)^2 s(x, eps)) / alpha(eps),
+
+with (alpha, std) of ``sde.marginal_coefs`` (for VE, alpha = 1 and x_0 = x + sigma(eps)^2 s). In
+the PC sampler it takes the place of the last predictor step, at t = eps; the ODE sampler adds it
+after the solve. The score-SDE reference code instead returns the noise-free mean of one
+discretised reverse-diffusion step (ODE: of length eps; PC: the last predictor step, of length h).
+That step agrees with Tweedie's formula only to first order, and its size depends on the
+discretisation: for subVP at eps = 1e-2, a step of length eps moves x 1.5 to 3 times as far
+(drift term beta(eps) eps / 2 against B(eps) / 2, score term g(eps)^2 eps against std(eps)^2).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scoreflow.sde import SDE, VESDE, VPSDE, _BetaSchedule, _expand
+from scoreflow.sde import SDE, VESDE, VPSDE, LinearBetaSDE, expand_like
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -47,6 +56,7 @@ __all__ = [
     "PREDICTORS",
     "CORRECTORS",
     "reverse_drift",
+    "tweedie_denoise",
     "ode_sample",
     "pc_sample",
     "predictor_step",
@@ -98,16 +108,18 @@ def reverse_drift(
     g2 = sde.diffusion(t) ** 2
     if probability_flow:
         g2 = 0.5 * g2
-    return sde.drift(x, t) - _expand(g2, x) * score_fn(x, t)
+    return sde.drift(x, t) - expand_like(g2, x) * score_fn(x, t)
 
 
-def _denoise_step(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float) -> Tensor:
-    """Mean of one reverse-diffusion step from t = eps to t = 0 (no noise)."""
+def tweedie_denoise(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float) -> Tensor:
+    """E[x_0 | x_eps = x] by Tweedie's formula: (x + std(eps)^2 s(x, eps)) / alpha(eps).
+
+    ``x`` is (batch, ...) at time ``eps``; returns a tensor of the same shape (one score
+    evaluation). Exact for the true score: the forward kernel is N(alpha x_0, std^2 I).
+    """
     t = torch.full((x.shape[0],), eps, device=x.device, dtype=x.dtype)
-    _, x_mean = predictor_step(
-        "reverse_diffusion", sde, score_fn, x, t, step=eps, generator=None, to_zero=True
-    )
-    return x_mean
+    alpha, std = sde.marginal_coefs(t)
+    return (x + expand_like(std**2, x) * score_fn(x, t)) / expand_like(alpha, x)
 
 
 @torch.no_grad()
@@ -138,7 +150,8 @@ def ode_sample(
         eps: the smallest time (sampling.smallest_time).
         generator: random source of the prior sample.
         device: where to sample (default: the generator's or the default device).
-        denoise: end with one noise-free reverse-diffusion step from eps to 0.
+        denoise: end with Tweedie's formula x_0 = (x + std(eps)^2 s) / alpha(eps) (see the
+            module docstring for how this differs from the reference).
         prior_sample: x_T to start from instead of a fresh prior draw (shape ``shape``).
 
     Returns:
@@ -164,7 +177,7 @@ def ode_sample(
     nfe = evaluations[0]
 
     if denoise:
-        x = _denoise_step(sde, score_fn, x, eps)
+        x = tweedie_denoise(sde, score_fn, x, eps)
         nfe += 1
     return x, nfe
 
@@ -194,11 +207,11 @@ def predictor_step(
         x_mean = x - reverse_drift(sde, score_fn, x, t, probability_flow) * step
         if probability_flow:
             return x_mean, x_mean
-        g = _expand(sde.diffusion(t), x)
+        g = expand_like(sde.diffusion(t), x)
         return x_mean + g * step**0.5 * _randn_like(x, generator), x_mean
     if predictor == "reverse_diffusion":
         forward_f, forward_g = _forward_step(sde, x, t, step, to_zero)
-        g2 = _expand(forward_g**2, x)
+        g2 = expand_like(forward_g**2, x)
         if probability_flow:
             x_mean = x - forward_f + 0.5 * g2 * score_fn(x, t)
             return x_mean, x_mean
@@ -239,12 +252,12 @@ def _ancestral_step(
             "probability-flow form: use euler_maruyama or reverse_diffusion"
         )
     if isinstance(sde, VPSDE):
-        b = _expand(_forward_step(sde, x, t, step, to_zero)[1] ** 2, x)
+        b = expand_like(_forward_step(sde, x, t, step, to_zero)[1] ** 2, x)
         x_mean = (x + b * score_fn(x, t)) / torch.sqrt(1.0 - b)
         return x_mean + b.sqrt() * _randn_like(x, generator), x_mean
     if isinstance(sde, VESDE):
-        sigma2 = _expand(sde.marginal_coefs(t)[1] ** 2, x)
-        jump2 = _expand(_forward_step(sde, x, t, step, to_zero)[1] ** 2, x)
+        sigma2 = expand_like(sde.marginal_coefs(t)[1] ** 2, x)
+        jump2 = expand_like(_forward_step(sde, x, t, step, to_zero)[1] ** 2, x)
         prev2 = (sigma2 - jump2).clamp(min=0.0)
         x_mean = x + jump2 * score_fn(x, t)
         std = torch.sqrt(prev2 * jump2 / sigma2)
@@ -276,11 +289,11 @@ def langevin_step(
     noise = _randn_like(x, generator)
     grad_norm = grad.flatten(1).norm(dim=1).mean()
     noise_norm = noise.flatten(1).norm(dim=1).mean()
-    if isinstance(sde, _BetaSchedule):
+    if isinstance(sde, LinearBetaSDE):
         alpha = torch.exp(-sde.beta(t) * step)
     else:
         alpha = torch.ones_like(t)
-    step_size = _expand(2.0 * alpha * (snr * noise_norm / grad_norm) ** 2, x)
+    step_size = expand_like(2.0 * alpha * (snr * noise_norm / grad_norm) ** 2, x)
     x_mean = x + step_size * grad
     return x_mean + torch.sqrt(2.0 * step_size) * noise, x_mean
 
@@ -308,12 +321,17 @@ def pc_sample(
 
     At each t_i: ``n_steps_each`` corrector steps (``corrector``: langevin | none), then one
     predictor step of length h = (T - eps) / (num_steps - 1) (``predictor``: euler_maruyama |
-    reverse_diffusion | ancestral | none). With ``denoise`` the final predictor step at t = eps
-    returns its mean, without noise.
+    reverse_diffusion | ancestral | none). With ``denoise`` the predictor step at the last time,
+    t = eps, is replaced by Tweedie's formula x_0 = (x + std(eps)^2 s) / alpha(eps) (one score
+    evaluation, like the step it replaces); the reference returns that predictor step's
+    noise-free mean, a discretised, first-order version of the same move (for subVP with
+    eps > h it even stops at t = eps - h). Without ``denoise`` the last predictor step is taken
+    with its noise.
 
     Returns:
         ``(x, nfe)``: samples of shape ``shape`` in model space and the number of score
-        evaluations (one per predictor step, ``n_steps_each`` per corrector visit).
+        evaluations (one per predictor step or final denoising, ``n_steps_each`` per corrector
+        visit).
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}: choose one of {', '.join(PREDICTORS)}")
@@ -337,7 +355,6 @@ def pc_sample(
     x = _initial_state(sde, shape, generator, device, dtype, prior_sample)
     times = torch.linspace(sde.T, eps, num_steps, device=x.device, dtype=torch.float64)
     nfe = 0
-    x_mean = x
 
     steps = range(num_steps)
     if show_progress:
@@ -350,11 +367,16 @@ def pc_sample(
         t = times[i].to(x.dtype).expand(x.shape[0])
         if corrector == "langevin":
             for _ in range(n_steps_each):
-                x, x_mean = langevin_step(sde, score_fn, x, t, snr, step, generator)
+                x, _ = langevin_step(sde, score_fn, x, t, snr, step, generator)
                 nfe += 1
-        to_zero = last_to_zero and i == num_steps - 1
-        x, x_mean = predictor_step(
-            predictor, sde, score_fn, x, t, step, generator, probability_flow, to_zero
-        )
-        nfe += 0 if predictor == "none" else 1
-    return (x_mean if denoise else x), nfe
+        last = i == num_steps - 1
+        if last and denoise:
+            x = tweedie_denoise(sde, score_fn, x, eps)
+            nfe += 1
+        else:
+            to_zero = last and last_to_zero
+            x, _ = predictor_step(
+                predictor, sde, score_fn, x, t, step, generator, probability_flow, to_zero
+            )
+            nfe += 0 if predictor == "none" else 1
+    return x, nfe

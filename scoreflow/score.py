@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from scoreflow.sde import SDE, VESDE, _expand
+from scoreflow.sde import SDE, VESDE, expand_like
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -40,7 +40,7 @@ def get_noise_fn(sde: SDE, model: nn.Module) -> ScoreFn:
     def noise_fn(x: Tensor, t: Tensor) -> Tensor:
         out = model(x, time_condition(sde, t))
         if isinstance(sde, VESDE):
-            return out * _expand(sde.marginal_coefs(t)[1], x)
+            return out * expand_like(sde.marginal_coefs(t)[1], x)
         return -out
 
     return noise_fn
@@ -57,7 +57,7 @@ def get_score_fn(sde: SDE, model: nn.Module) -> ScoreFn:
         if isinstance(sde, VESDE):
             return out
         std = sde.marginal_coefs(t)[1]
-        return -out / _expand(std, x)
+        return -out / expand_like(std, x)
 
     return score_fn
 
@@ -72,7 +72,7 @@ def exact_gaussian_score_fn(sde: SDE, mean: Tensor, var: Tensor) -> ScoreFn:
 
     def score_fn(x: Tensor, t: Tensor) -> Tensor:
         alpha, std = sde.marginal_coefs(t)
-        a, s = _expand(alpha, x), _expand(std, x)
+        a, s = expand_like(alpha, x), expand_like(std, x)
         return -(x - a * mean) / (a * a * var + s * s)
 
     return score_fn

@@ -22,11 +22,12 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE"]
+__all__ = ["SDE", "LinearBetaSDE", "VPSDE", "SubVPSDE", "VESDE", "expand_like"]
 
 
-def _expand(coef: Tensor, x: Tensor) -> Tensor:
-    """Reshape per-example coefficients ``(batch,)`` to broadcast against ``x``."""
+def expand_like(coef: Tensor, x: Tensor) -> Tensor:
+    """``coef`` of shape ``(batch,)`` (or any prefix of ``x.shape``) with trailing singleton
+    dimensions added, so that it broadcasts against ``x`` of shape ``(batch, ...)``."""
     return coef.reshape(coef.shape + (1,) * (x.dim() - coef.dim()))
 
 
@@ -54,7 +55,7 @@ class SDE(abc.ABC):
 
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
         """f(x, t) = f(t) x for ``x`` of shape ``(batch, ...)`` and ``t`` of shape ``(batch,)``."""
-        return _expand(self.drift_coef(t), x) * x
+        return expand_like(self.drift_coef(t), x) * x
 
     def drift_divergence(self, x: Tensor, t: Tensor) -> Tensor:
         """Exact divergence of the drift, f(t) * D, shape ``(batch,)``."""
@@ -64,12 +65,12 @@ class SDE(abc.ABC):
     def marginal_prob(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean ``alpha(t) x`` (shape of ``x``) and std ``(batch,)`` of p_0t(x_t | x_0 = x)."""
         alpha, std = self.marginal_coefs(t)
-        return _expand(alpha, x) * x, std
+        return expand_like(alpha, x) * x, std
 
     def perturb(self, x: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = alpha(t) x + std(t) noise, shape of ``x``."""
         alpha, std = self.marginal_coefs(t)
-        return _expand(alpha, x) * x + _expand(std, x) * noise
+        return expand_like(alpha, x) * x + expand_like(std, x) * noise
 
     def prior_sampling(
         self,
@@ -116,8 +117,9 @@ class SDE(abc.ABC):
         return self.drift(x, t) * dt, self.diffusion(t) * math.sqrt(dt)
 
 
-class _BetaSchedule(SDE):
-    """Shared linear schedule beta(t) = b0 + t (b1 - b0) of the VP and subVP SDEs."""
+class LinearBetaSDE(SDE):
+    """Base of the VP and subVP SDEs: the linear schedule beta(t) = b0 + t (b1 - b0), its
+    integral B(t), and drift coefficient f(t) = -beta(t) / 2; prior N(0, I)."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
         self.beta_min = float(beta_min)
@@ -147,7 +149,7 @@ class _BetaSchedule(SDE):
         return 1.0
 
 
-class VPSDE(_BetaSchedule):
+class VPSDE(LinearBetaSDE):
     """Variance-preserving SDE: dx = -beta(t) x / 2 dt + sqrt(beta(t)) dW.
 
     alpha(t) = exp(-B(t)/2), std(t) = sqrt(1 - exp(-B(t))), g(t)^2 = beta(t); prior N(0, I).
@@ -166,11 +168,11 @@ class VPSDE(_BetaSchedule):
         Returns ``(f, G)`` with ``f = (sqrt(1 - b_i) - 1) x`` and ``G = sqrt(b_i)``.
         """
         b = self.beta(t) / num_steps
-        f = _expand(torch.sqrt(1.0 - b) - 1.0, x) * x
+        f = expand_like(torch.sqrt(1.0 - b) - 1.0, x) * x
         return f, torch.sqrt(b)
 
 
-class SubVPSDE(_BetaSchedule):
+class SubVPSDE(LinearBetaSDE):
     """Sub-variance-preserving SDE: dx = -beta x / 2 dt + sqrt(beta (1 - exp(-2 B))) dW.
 
     alpha(t) = exp(-B/2), std(t) = 1 - exp(-B) (no square root), g^2 = beta (1 - exp(-2B));

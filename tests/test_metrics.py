@@ -117,13 +117,27 @@ def test_preprocessing_conventions():
     for c in range(3):
         np.testing.assert_allclose(resized[0, c].numpy(), expected, atol=1e-6)
 
-    # TensorFlow legacy: output i samples input i * in / out; then (x - 128) / 128.
-    resized = (metrics.resize_tf_legacy(metrics._as_float_rgb(images), out) - 128) / 128
-    expected = (_bilinear_reference(grey[0, 0].astype(float), out, half_pixel=False) - 128) / 128
-    np.testing.assert_allclose(resized[0, 1].numpy(), expected, atol=1e-5)
+    # TensorFlow legacy: output i samples input i * in / out, of (x - 127.5) / 127.5.
+    resized = metrics.resize_tf_legacy((metrics._as_float_rgb(images) - 127.5) / 127.5, out)
+    expected = _bilinear_reference((grey[0, 0] - 127.5) / 127.5, out, half_pixel=False)
+    np.testing.assert_allclose(resized[0, 1].numpy(), expected, atol=1e-6)
+    full = metrics.preprocess_tf(images)
+    expected = _bilinear_reference((grey[0, 0] - 127.5) / 127.5, 299, half_pixel=False)
+    np.testing.assert_allclose(full[0, 2].numpy(), expected, atol=1e-6)
 
     full = metrics.preprocess_pytorch_fid(images)
     assert full.shape == (1, 3, 299, 299) and full.min() >= -1 and full.max() <= 1
+
+
+@pytest.mark.parametrize("size", [8, 28, 32])
+def test_tf_preprocessing_maps_black_and_white_to_minus_and_plus_one(size):
+    """The reference feeds the TensorFlow graph (x - 127.5) / 127.5: the range [0, 255] fills
+    [-1, 1] exactly, whatever the resize does to a constant image."""
+    for value, target in ((0, -1.0), (255, 1.0)):
+        images = torch.full((2, 3, size, size), value, dtype=torch.uint8)
+        x = metrics.preprocess_tf(images)
+        assert x.shape == (2, 3, 299, 299)
+        assert torch.equal(x, torch.full_like(x, target))
 
 
 def _published_layout_state_dict() -> dict[str, torch.Tensor]:

