@@ -17,15 +17,15 @@ Tools, each with its own flags (``scoreflow convert --help``)::
     scoreflow fid-stats ...    FID reference statistics of a data set
 
 A user mistake (unknown flag or mode, missing config file, a bad ``--config.`` override,
-incompatible settings, a missing data or checkpoint file) ends the program with one line
-``scoreflow: error: ...`` on stderr and exit status 2; a run that diverged exits with 1, an
-interrupted one (Ctrl-C) with 130. ``SCOREFLOW_TRACEBACK=1`` shows full tracebacks instead.
-This module computes nothing: it parses, checks, writes ``<workdir>/config.json`` and dispatches.
+incompatible settings, a missing data or checkpoint file, a file system error such as a
+``--workdir`` that names a file) ends the program with one line ``scoreflow: error: ...`` on
+stderr and exit status 2; a run that diverged exits with 1, an interrupted one (Ctrl-C) with 130.
+``SCOREFLOW_TRACEBACK=1`` shows full tracebacks instead. This module computes and writes
+nothing: it parses, checks and dispatches (the drivers write the config they run with).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -120,6 +120,8 @@ def _parse(argv: list[str]):
             raise UsageError(f"--{name} is required (see {PROG} --help)")
     if fv.mode not in MODES:
         raise UsageError(f"unknown --mode {fv.mode!r}; choose one of {', '.join(MODES)}")
+    if Path(fv.workdir).exists() and not Path(fv.workdir).is_dir():
+        raise UsageError(f"--workdir {fv.workdir} is a file; name a folder (created if missing)")
     return fv
 
 
@@ -137,17 +139,13 @@ def _dispatch(fv) -> None:
     factory.check_config(fv.config)
     distributed.init(fv.config.device)  # NCCL on GPUs, gloo on CPUs; nothing on one process
     try:
-        _run_driver(fv, distributed.is_main())
+        _run_driver(fv)
     finally:
         distributed.destroy()
 
 
-def _run_driver(fv, is_main: bool) -> None:
+def _run_driver(fv) -> None:
     config, workdir, mode = fv.config, fv.workdir, fv.mode
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    if is_main:
-        text = json.dumps(json.loads(config.to_json()), indent=2)
-        (Path(workdir) / "config.json").write_text(text)
     if mode == "train":
         from scoreflow.train import train
 
@@ -187,8 +185,9 @@ def _report(err: Exception, argv: list[str]) -> int | None:
     """The exit status of a failed run, after its one-line report; None for a real bug."""
     if isinstance(err, UsageError):
         return _error(str(err), 2)
-    if isinstance(err, (ValueError, FileNotFoundError)):
-        # ConfigError is a ValueError: the drivers' one-line reports of user mistakes
+    if isinstance(err, (ValueError, OSError)):
+        # ConfigError is a ValueError: the drivers' one-line reports of user mistakes; an
+        # OSError is a file or folder that is missing, unwritable, full, or of the wrong kind
         return _error(_first_line(err), 2)
     if isinstance(err, ModuleNotFoundError) and (err.name or "").startswith("scoreflow"):
         what = argv[1] if len(argv) > 1 and argv[1] in _subcommands() else "this mode"

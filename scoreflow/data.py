@@ -27,17 +27,21 @@ import importlib
 import logging
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from scoreflow import distributed
+from scoreflow import checkpoints, distributed
 from scoreflow.records import progress
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 __all__ = [
     "ImageDataset",
@@ -56,12 +60,16 @@ __all__ = [
     "to_unit_interval",
     "uniform_dequantize",
     "random_flip",
-    "epoch_permutation",
-    "batch_indices",
-    "batches",
+    "preprocess",
+    "EpochOrder",
+    "RankBatchSampler",
+    "rank_batches",
 ]
 
 logger = logging.getLogger(__name__)
+
+# (first row, rows of the global batch): a distributed rank's block of a batch, or None for all
+Block = tuple[int, int] | None
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_ROOTS = {
@@ -495,15 +503,11 @@ def _write_cache(path: Path, images: np.ndarray) -> None:
     """Save decoded images atomically; a read-only data folder only costs a log line."""
     if not distributed.is_main():
         return
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     try:
-        with open(partial, "wb") as file:
-            np.save(file, images, allow_pickle=False)
-        os.replace(partial, path)
+        checkpoints.write_atomic(path, lambda file: np.save(file, images, allow_pickle=False))
         logger.info("cached the decoded images in %s", path)
     except OSError as error:
         logger.info("could not cache decoded images in %s (%s)", path, error)
-        partial.unlink(missing_ok=True)
 
 
 def _load_npz_batch(root: Path, folder_name: str, file_name: str) -> Tensor:
@@ -567,7 +571,7 @@ def _image_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(found)
 
 
-def resize_center_crop(image, image_size: int):
+def resize_center_crop(image: PILImage, image_size: int) -> PILImage:
     """Resize a PIL image so its shorter side is ``image_size``, then crop the centre square.
 
     Downscaling by an integer factor ``k = min(width, height) // image_size >= 2`` first averages
@@ -640,26 +644,63 @@ def to_unit_interval(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return x.to(dtype) / 255.0
 
 
+def _uniform_rows(
+    x: Tensor, shape: tuple[int, ...], generator: torch.Generator | None, block: Block
+) -> Tensor:
+    """U[0, 1) draws of ``shape`` for the rows of ``x`` (float32, on ``x.device``).
+
+    With ``block = (start, rows)`` the draws are made for all ``rows`` rows of the global batch
+    and rows ``start : start + len(x)`` kept, so a rank's share does not depend on the split.
+    """
+    start, rows = (0, x.shape[0]) if block is None else block
+    noise = torch.rand((rows,) + shape, generator=generator, device=x.device)
+    return noise[start : start + x.shape[0]]
+
+
 def uniform_dequantize(
-    x: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+    x: Tensor, generator: torch.Generator | None = None, block: Block = None
 ) -> Tensor:
     """Uniform dequantisation of uint8 images: ``y = (x + u) / 256`` with ``u ~ U[0, 1)``.
 
     Each y lies in ``[x / 256, (x + 1) / 256)``, so the 256 levels tile [0, 1) and a density on y
     gives the probability of x as its integral over that cell. ``generator`` must live on
-    ``x.device``. Returns floats of ``x``'s shape.
+    ``x.device``; ``block`` as in :func:`preprocess`. Returns float32 of ``x``'s shape.
     """
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=dtype)
-    return (x.to(dtype) + noise) / 256.0
+    return (x.float() + _uniform_rows(x, tuple(x.shape[1:]), generator, block)) / 256.0
 
 
-def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def random_flip(x: Tensor, generator: torch.Generator | None = None, block: Block = None) -> Tensor:
     """Flip each image of ``x`` ``(B, C, H, W)`` left-right with probability 1/2.
 
-    ``generator`` must live on ``x.device``. Returns a new tensor of ``x``'s shape and dtype.
+    ``generator`` must live on ``x.device``; ``block`` as in :func:`preprocess`. Returns a new
+    tensor of ``x``'s shape and dtype.
     """
-    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    flip = _uniform_rows(x, (), generator, block) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def preprocess(
+    x: Tensor,
+    scaler: Callable[[Tensor], Tensor],
+    generator: torch.Generator | None,
+    dequantize: bool = False,
+    flip: bool = False,
+    block: Block = None,
+) -> Tensor:
+    """uint8 images (batch, C, H, W) -> float model-space inputs of the same shape.
+
+    x / 255 in [0, 1] (:func:`to_unit_interval`), or with ``dequantize`` (x + u) / 256 with
+    u ~ U[0, 1) (:func:`uniform_dequantize`); with ``flip`` a horizontal flip of each image with
+    probability 1/2 (:func:`random_flip`); then ``scaler`` (e.g. to [-1, 1]). u is drawn before
+    the flips, both from ``generator``. ``block = (start, global_batch)``: ``x`` is rows
+    ``start : start + batch`` of a global batch (a distributed rank's share); u and the flips are
+    then drawn for the whole global batch and this block kept, so the result does not depend on
+    how the batch is split over ranks.
+    """
+    x = uniform_dequantize(x, generator, block) if dequantize else to_unit_interval(x)
+    if flip:
+        x = random_flip(x, generator, block)
+    return scaler(x)
 
 
 def _mix_seed(seed: int, stream: int) -> int:
@@ -671,70 +712,82 @@ def _mix_seed(seed: int, stream: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
-    """The order of ``range(n)`` in epoch ``epoch``: a LongTensor ``(n,)`` on the CPU.
+class EpochOrder:
+    """The data order: global batch ``b`` of epoch ``e`` is ``perm(e)[b B : (b + 1) B]``.
 
-    A pure function of ``(n, seed, epoch)`` (its own CPU generator, seeded from seed and epoch),
-    so a run resumed at any step visits the images in the same order as an uninterrupted one.
+    ``perm(e)`` is a random permutation of ``range(n)`` that depends on nothing but the seed, the
+    stream number and the epoch, so the global batch number alone says where a run is in its
+    data (a resumed run reads the same batches as an uninterrupted one). Incomplete last batches
+    are dropped: every step sees ``batch_size`` examples. Raises ValueError when ``batch_size`` is
+    not in ``[1, n]``.
     """
-    generator = torch.Generator().manual_seed(_mix_seed(seed, epoch + 1))
-    return torch.randperm(n, generator=generator)
+
+    def __init__(self, n: int, batch_size: int, seed: int, stream: int = 0):
+        if not 1 <= batch_size <= n:
+            raise ValueError(
+                f"a batch of {batch_size} cannot be drawn from a data set of {n} examples"
+            )
+        self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def permutation(self, epoch: int) -> Tensor:
+        """The permutation of epoch ``epoch``, a LongTensor ``(n,)`` on the CPU."""
+        if epoch != self._epoch:
+            seed = np.random.SeedSequence([self.seed, self.stream, epoch]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
+        return self._perm
+
+    def position(self, index: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of global batch ``index`` (counted from 0)."""
+        return divmod(index, self.steps_per_epoch)
+
+    def batch_indices(self, index: int) -> Tensor:
+        """Data indices of global batch ``index``, a LongTensor ``(batch_size,)``."""
+        epoch, b = self.position(index)
+        return self.permutation(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
 
 
-def batch_indices(
-    n: int,
-    batch_size: int,
-    seed: int,
-    step: int,
-    rank: int | None = None,
-    world_size: int | None = None,
-) -> Tensor:
-    """Indices of this rank's share of global batch number ``step``: LongTensor ``(b,)``.
+class RankBatchSampler:
+    """This rank's share of each global batch of an :class:`EpochOrder`, from batch ``start`` on.
 
-    Each epoch walks :func:`epoch_permutation` in ``n // batch_size`` full batches (the last
-    partial batch is dropped), so step ``k`` reads batch ``k % (n // batch_size)`` of epoch
-    ``k // (n // batch_size)``. Under ``world_size`` ranks each rank takes its contiguous block of
-    the global batch (see :func:`scoreflow.distributed.shard_indices`).
+    A ``batch_sampler`` for ``torch.utils.data.DataLoader`` that never ends: it yields the
+    indices of global batch ``start``, ``start + 1``, ..., each cut to this rank's contiguous
+    block (:func:`scoreflow.distributed.shard_indices`; all of it on one process).
     """
-    if batch_size > n:
-        raise ValueError(f"batch size {batch_size} exceeds the {n} images of the data set")
-    steps_per_epoch = n // batch_size
-    epoch, position = divmod(step, steps_per_epoch)
-    order = epoch_permutation(n, seed, epoch)
-    batch = order[position * batch_size : (position + 1) * batch_size]
-    share = distributed.shard_indices(batch_size, rank, world_size)
-    return batch[share.start : share.stop]
+
+    def __init__(self, order: EpochOrder, start: int = 0):
+        self.order, self.start = order, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        index = self.start
+        while True:
+            indices = self.order.batch_indices(index)
+            shard = distributed.shard_indices(len(indices))
+            yield indices[shard.start : shard.stop].tolist()
+            index += 1
 
 
-def batches(
-    dataset: Dataset | Tensor,
-    batch_size: int,
-    seed: int,
-    start_step: int = 0,
-    rank: int | None = None,
-    world_size: int | None = None,
-    device: torch.device | str | None = None,
+def rank_batches(
+    dataset: Dataset,
+    order: EpochOrder,
+    start: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[Tensor]:
-    """Endless uint8 batches ``(b, C, H, W)`` for steps ``start_step, start_step + 1, ...``.
+    """This rank's uint8 batches ``(batch_size / world_size, C, H, W)`` of global batches
+    ``start``, ``start + 1``, ... in the order of ``order`` (an endless iterator).
 
-    Batch k equals ``images[batch_indices(n, batch_size, seed, k, rank, world_size)]``, whatever
-    ``start_step`` was, so training resumes bit-exactly. With ``device`` the whole data set is
-    moved there once and batches are sliced on it.
+    Batch k is the same whatever ``start`` was, so a resumed run reads what an uninterrupted one
+    would have. Building and reading the loader draws nothing from the global RNG.
     """
-    images = dataset if isinstance(dataset, Tensor) else dataset_images(dataset)
-    if device is not None:
-        images = images.to(device)
-    n = images.shape[0]
-    if batch_size > n:
-        raise ValueError(f"batch size {batch_size} exceeds the {n} images of the data set")
-    steps_per_epoch = n // batch_size
-    share = distributed.shard_indices(batch_size, rank, world_size)
-    cached_epoch, order = -1, None
-    step = start_step
-    while True:
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch != cached_epoch:
-            cached_epoch, order = epoch, epoch_permutation(n, seed, epoch).to(images.device)
-        start = position * batch_size
-        yield images[order[start + share.start : start + share.stop]]
-        step += 1
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=RankBatchSampler(order, start),
+        num_workers=num_workers,
+        collate_fn=torch.stack,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(order.seed),
+    )
+    return iter(loader)

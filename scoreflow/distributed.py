@@ -57,26 +57,32 @@ def destroy() -> None:
 
 
 def is_initialized() -> bool:
+    """Whether this process has joined a process group (torch.distributed is initialised)."""
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
+    """This process's rank in the process group; 0 on one process."""
     return dist.get_rank() if is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of processes in the group; 1 on one process."""
     return dist.get_world_size() if is_initialized() else 1
 
 
 def local_rank() -> int:
+    """This process's rank on its machine (torchrun's LOCAL_RANK; 0 without a launcher)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main() -> bool:
+    """Whether this is rank 0, the process that writes files and logs."""
     return rank() == 0
 
 
 def barrier() -> None:
+    """Wait until every rank has reached this call (a no-op on one process)."""
     if is_initialized():
         dist.barrier()
 

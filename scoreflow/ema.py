@@ -44,6 +44,11 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor | float]) -> None:
+        """Copy the shadows of a :meth:`state_dict` into this EMA (the decay stays as built).
+
+        Raises KeyError naming the parameters the state lacks, and RuntimeError when a shadow's
+        shape differs from the state's.
+        """
         missing = [n for n in self.names if n not in state]
         if missing:
             raise KeyError(f"EMA state lacks parameters: {missing[:5]}")

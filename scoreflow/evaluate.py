@@ -24,6 +24,7 @@ Outputs in ``<workdir>/<eval_folder>/``:
   ``seconds``, ``dataset``, ``data_source``, the SHA-256 of the snapshot file (and of the
   dequantiser's) and the settings used;
 - ``bpd_curve.png``: bits/dim against training step over the evaluated snapshots;
+- ``config.json``: the config of the latest evaluation run in this folder;
 - ``progress_ckpt_<k>_<method>_<dequantization>[_rank<r>].pt``: partial results, written
   atomically after every batch, from which a killed evaluation continues. They are used only
   when the settings and the checkpoint files (by their SHA-256) are the ones they were computed
@@ -161,11 +162,6 @@ def bpd_batch(
         error_norm=settings["error_norm"],
     )
     return -result.logp, log_q, result.nfe
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True)
-    checkpoints.write_atomic(path, lambda f: f.write(text.encode()))
 
 
 class _Progress:
@@ -339,6 +335,7 @@ def evaluate(
     distributed.init(config.device)  # first, so that only rank 0 writes the log file
     records.setup_logging(eval_dir / "evaluation_log.txt")
     factory.check_config(config)
+    records.save_json(json.loads(config.to_json()), eval_dir / "config.json")
     device = distributed.default_device(config.device)
     evaluation = config.eval
 
@@ -441,8 +438,7 @@ def evaluate(
             entry.update({k: settings[k] for k in ("method", "dequantization", "dataset")})
             entry["data_source"] = settings["data_source"]
             if distributed.is_main():
-                npz_path = eval_dir / f"bpd_ckpt_{run_name}.npz"
-                checkpoints.write_atomic(npz_path, lambda f: np.savez(f, **arrays))
+                checkpoints.savez_atomic(eval_dir / f"bpd_ckpt_{run_name}.npz", **arrays)
             log.info(
                 "snapshot %d: %.4f +- %.4f bits/dim (%s, %s dequantisation, %d images x %d, "
                 "mean NFE %.1f)",
@@ -463,8 +459,7 @@ def evaluate(
 
         key = run_name if evaluation.enable_bpd else str(ckpt)
         report["checkpoints"][key] = entry
-        if distributed.is_main():
-            _write_json_atomic(report, report_path)
+        records.save_json(report, report_path)
         distributed.barrier()
 
     if distributed.is_main():

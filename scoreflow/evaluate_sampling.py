@@ -134,11 +134,6 @@ def to_uint8(x: Tensor, inverse_scaler: Callable[[Tensor], Tensor]) -> np.ndarra
     return images.round().to(torch.uint8).cpu().numpy()
 
 
-def _savez_atomic(path: Path, **arrays: Any) -> None:
-    """np.savez to ``path``, atomically (temporary file in the same folder, then rename)."""
-    checkpoints.write_atomic(path, lambda f: np.savez(f, **arrays))
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
 
@@ -177,7 +172,7 @@ def snapshot_samples(
     generator = round_generator(config.seed, -1, step, device)
     images, nfe = _sample_batch(config, sde, model, n, generator, device)
     folder = Path(workdir) / "samples" / f"iter_{step}"
-    _savez_atomic(folder / "sample.npz", samples=images, nfe=nfe)
+    checkpoints.savez_atomic(folder / "sample.npz", samples=images, nfe=nfe)
     records.save_image_grid(images, folder / "sample.png")
     log.info("step %d: %d samples (NFE %d) in %s", step, n, nfe, folder)
     return folder
@@ -293,7 +288,7 @@ def _reference_statistics(
         train, _ = factory.get_datasets(config)
         log.info("computing Inception statistics of the training split (%d images)", len(train))
         stats = compute_data_statistics(data.dataset_images(train), net)
-        _savez_atomic(
+        checkpoints.savez_atomic(
             cache, **stats, network=np.array(network), convention=np.array(net.convention)
         )
     return _load_stats_file(cache, network, net.convention), str(cache)
@@ -360,7 +355,7 @@ def run_sampling_eval(
         if images is None:
             generator = round_generator(config.seed, ckpt_id, r, device)
             images, nfe = _sample_batch(config, sde, model, n, generator, device)
-            _savez_atomic(npz, samples=images, nfe=nfe, sampler=np.array(sampler))
+            checkpoints.savez_atomic(npz, samples=images, nfe=nfe, sampler=np.array(sampler))
             records.save_image_grid(images, sample_dir / f"samples_{r}.png")
             log.info("ckpt %d round %d/%d: %d samples, NFE %d", ckpt_id, r + 1, num_rounds, n, nfe)
         if net is not None and _stats_network(stats_path) != tag:
@@ -368,7 +363,7 @@ def run_sampling_eval(
             arrays = {"pool_3": pool_3.astype(np.float32), "network": np.array(tag)}
             if logits is not None:
                 arrays["logits"] = logits.astype(np.float32)
-            _savez_atomic(stats_path, **arrays)
+            checkpoints.savez_atomic(stats_path, **arrays)
     distributed.barrier()
 
     result: dict[str, Any] | None = None
@@ -508,7 +503,7 @@ def stats_main(argv: list[str]) -> int:
         network,
     )
     stats = compute_data_statistics(images, net, batch_size=args.batch_size)
-    _savez_atomic(
+    checkpoints.savez_atomic(
         output,
         **stats,
         dataset=np.array(config.data.dataset),

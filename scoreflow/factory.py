@@ -7,9 +7,21 @@ construct the same objects without a config.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import ml_collections
+import torch
+from torch import Tensor
 
 from scoreflow.sde import SDE, VESDE, VPSDE, SubVPSDE
+
+if TYPE_CHECKING:
+    from scoreflow.data import ImageDataset
+    from scoreflow.nets.flowpp import FlowppDequantizer
+    from scoreflow.nets.ncsnpp import NCSNpp
+
+Scaler = Callable[[Tensor], Tensor]
 
 __all__ = ["ConfigError", "get_sde", "get_model", "get_dequantizer", "get_datasets", "data_scaler"]
 
@@ -35,9 +47,40 @@ def get_sde(config: ml_collections.ConfigDict) -> SDE:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Reject settings that cannot work together, with a message that names the fix."""
+    """Reject settings that cannot work (here, or together), with a message that names the fix."""
     training = config.training
     get_sde(config)
+    _check_device(config.device)
+    if not 0.0 < training.smallest_time < 1.0:
+        raise ConfigError(
+            f"training.smallest_time (eps) must lie in (0, 1), the span of the SDE's time, got "
+            f"{training.smallest_time}"
+        )
+    if not 0.0 < config.data.test_fraction < 1.0:
+        raise ConfigError(
+            f"data.test_fraction must lie in (0, 1), got {config.data.test_fraction}: training "
+            "and evaluation need held-out images"
+        )
+    sizes = {
+        "model.nf": config.model.nf,
+        "model.num_res_blocks": config.model.num_res_blocks,
+        "data.image_size": config.data.image_size,
+        "data.num_channels": config.data.num_channels,
+        "deq.batch_size": config.deq.batch_size,
+        "deq.num_filters": config.deq.num_filters,
+        "deq.num_blocks": config.deq.num_blocks,
+        "deq.num_components": config.deq.num_components,
+        "deq.num_heads": config.deq.num_heads,
+        "deq.num_conv_blocks": config.deq.num_conv_blocks,
+    }
+    for name, value in sizes.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value}")
+    if not config.model.ch_mult or min(config.model.ch_mult) < 1:
+        raise ConfigError(
+            f"model.ch_mult must be a non-empty list of positive channel multipliers, got "
+            f"{tuple(config.model.ch_mult)}"
+        )
     if training.importance_weighting and not training.likelihood_weighting:
         raise ConfigError(
             "training.importance_weighting=True needs training.likelihood_weighting=True "
@@ -71,7 +114,31 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def get_model(config: ml_collections.ConfigDict):
+def _check_device(name: str) -> None:
+    """Reject a ``device`` setting that torch cannot parse, or a GPU this torch cannot use."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"unknown device {name!r}: set --config.device to auto, cpu, cuda or cuda:N"
+        ) from err
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = "is built without CUDA" if torch.version.cuda is None else "sees no GPU"
+        raise ConfigError(
+            f"--config.device={name}, but this torch ({torch.__version__}) {why}: set "
+            "--config.device=cpu (or auto)"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--config.device={name}, but only {torch.cuda.device_count()} GPU(s) are visible"
+        )
+
+
+def get_model(config: ml_collections.ConfigDict) -> NCSNpp:
     """The score network of ``config.model`` (DDPM++ / NCSN++ "ncsnpp")."""
     from scoreflow.nets.ncsnpp import NCSNpp
 
@@ -106,7 +173,7 @@ def get_model(config: ml_collections.ConfigDict):
     )
 
 
-def get_dequantizer(config: ml_collections.ConfigDict):
+def get_dequantizer(config: ml_collections.ConfigDict) -> FlowppDequantizer:
     """The Flow++ variational dequantiser of ``config.deq`` for the data's image shape."""
     from scoreflow.nets.flowpp import FlowppDequantizer
 
@@ -124,7 +191,7 @@ def get_dequantizer(config: ml_collections.ConfigDict):
     )
 
 
-def get_datasets(config: ml_collections.ConfigDict):
+def get_datasets(config: ml_collections.ConfigDict) -> tuple[ImageDataset, ImageDataset]:
     """``(train, test)`` uint8 image data sets of ``config.data`` (see :mod:`scoreflow.data`)."""
     from scoreflow import data
 
@@ -139,7 +206,7 @@ def get_datasets(config: ml_collections.ConfigDict):
     )
 
 
-def data_scaler(config: ml_collections.ConfigDict):
+def data_scaler(config: ml_collections.ConfigDict) -> tuple[Scaler, Scaler]:
     """(scaler, inverse_scaler): [0, 1] data to model space ([-1, 1] when centred) and back."""
     if config.data.centered:
         return (lambda x: x * 2.0 - 1.0), (lambda x: (x + 1.0) / 2.0)

@@ -6,22 +6,25 @@ stand-ins, so the drivers call these helpers unconditionally.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from scoreflow import distributed
+from scoreflow import checkpoints, distributed
 
 __all__ = [
     "setup_logging",
     "progress",
     "ScalarWriter",
+    "save_json",
     "save_image_grid",
     "save_curve",
 ]
@@ -58,26 +61,44 @@ def progress(iterable: Iterable | None = None, **kwargs) -> tqdm:
 
 
 class ScalarWriter:
-    """TensorBoard scalars under ``folder`` on rank 0; a no-op on other ranks."""
+    """TensorBoard scalars under ``folder`` on rank 0; a no-op on other ranks.
 
-    def __init__(self, folder: str | os.PathLike):
+    ``purge_step``: the first step a resumed run logs (its checkpoint's step + 1). Events of
+    earlier runs in ``folder`` at that step or later (logged after the checkpoint the run resumes
+    from) are then hidden by TensorBoard, so that no step appears twice.
+    """
+
+    def __init__(self, folder: str | os.PathLike, purge_step: int | None = None):
         self._writer = None
         if distributed.is_main():
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(folder))
+            self._writer = SummaryWriter(str(folder), purge_step=purge_step)
 
     def add(self, tag: str, value: float, step: int) -> None:
+        """Record scalar ``value`` under ``tag`` at training step ``step``."""
         if self._writer is not None:
             self._writer.add_scalar(tag, value, step)
 
     def flush(self) -> None:
+        """Write the pending events to disk."""
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         if self._writer is not None:
             self._writer.close()
+
+
+def save_json(value: Any, path: str | os.PathLike) -> Path:
+    """Write ``value`` (plain dicts, lists, strings, numbers) as indented JSON to ``path``,
+    atomically and on rank 0 only; returns the path."""
+    path = Path(path)
+    if distributed.is_main():
+        text = json.dumps(value, indent=2) + "\n"
+        checkpoints.write_atomic(path, lambda f: f.write(text.encode()))
+    return path
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -96,10 +117,10 @@ def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.
 def save_image_grid(
     images: np.ndarray, path: str | os.PathLike, nrow: int | None = None, scale: int = 0
 ) -> Path:
-    """Write uint8 images ``(N, C, H, W)`` as one PNG grid; small images are enlarged.
+    """Write uint8 images ``(N, C, H, W)`` as one PNG grid (atomically); returns its path.
 
-    ``scale`` is the integer nearest-neighbour magnification (0 picks one that makes each image
-    at least 64 pixels wide).
+    Small images are enlarged: ``scale`` is the integer nearest-neighbour magnification (0 picks
+    one that makes each image at least 64 pixels wide).
     """
     from PIL import Image
 
@@ -112,10 +133,8 @@ def save_image_grid(
     grid = image_grid(images, nrow=nrow)
     if grid.shape[-1] == 1:
         grid = grid[..., 0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return path
+    image = Image.fromarray(grid)
+    return checkpoints.write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
 def save_curve(
@@ -126,7 +145,7 @@ def save_curve(
     title: str = "",
     logy: bool = False,
 ) -> Path:
-    """Plot named ``(x, y)`` series as lines in one PNG."""
+    """Plot named ``(x, y)`` series as lines in one PNG at ``path`` (written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,8 +164,7 @@ def save_curve(
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    try:
+        return checkpoints.write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)

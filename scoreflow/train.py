@@ -6,8 +6,10 @@ denoising score matching loss (:mod:`scoreflow.losses`), clip the gradient at gl
 
 What lands in ``workdir``:
 
+- ``config.json``: the config of the latest start (written once the checkpoint, if any, fits);
 - ``stdout.txt``: the log (appended across restarts);
-- ``tensorboard/``: scalars loss, eval_loss, lr, grad_norm, steps_per_sec;
+- ``tensorboard/``: scalars loss, eval_loss, lr, grad_norm, steps_per_sec (a resumed run hides
+  the events logged after its checkpoint);
 - ``curve.csv``: append-only rows ``step,loss,eval_loss``, and ``loss_curve.png`` drawn from it at
   every snapshot (rows repeated after a restart are resolved in favour of the latest);
 - ``checkpoints/checkpoint_<k>.pth``: snapshot k = step // snapshot_freq (and at the last step);
@@ -17,10 +19,12 @@ What lands in ``workdir``:
 Resumption is bit-exact on the CPU: a checkpoint holds the model, the EMA, the optimiser, the
 step, the global torch RNG (dropout), the CUDA RNG, and the two dedicated generators of the loop
 (``data``: flips and dequantisation noise; ``noise``: t and z of the loss). The order of the data
-is a pure function of (seed, epoch) (:class:`EpochOrder`), so the position in the data is the
-step itself. Evaluation and snapshot sampling run under their own random state and leave the
-training's untouched. On GPUs cuDNN may pick non-deterministic kernels, so a resumed run there is
-equal in distribution, not necessarily in every bit.
+is a pure function of (seed, epoch) (:class:`scoreflow.data.EpochOrder`), so the position in the
+data is the step itself. Evaluation and snapshot sampling run under their own random state and
+leave the training's untouched. On GPUs cuDNN may pick non-deterministic kernels, so a resumed
+run there is equal in distribution, not necessarily in every bit. A run resumed on another kind
+of device (a GPU run on a CPU) cannot continue the saved generator streams, whose layout
+depends on the device; they are reseeded from (seed, step) with a warning.
 
 Under ``torchrun`` (docs/distributed.md) the network is wrapped in DistributedDataParallel and
 rank r of N takes the contiguous block r of every global batch of ``training.batch_size``
@@ -37,26 +41,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import ml_collections
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from scoreflow import checkpoints, distributed, factory, losses, records
+from scoreflow.data import EpochOrder, preprocess, rank_batches
 from scoreflow.ema import EMA
 from scoreflow.importance import ImportanceSampler
 from scoreflow.optim import adam, learning_rate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingDivergedError", "EpochOrder", "preprocess", "learning_rate", "train"]
+__all__ = ["TrainingDivergedError", "train"]
 
 KEEP_PREEMPTION = 2
 CURVE_FILE = "curve.csv"
@@ -64,106 +68,6 @@ CURVE_FILE = "curve.csv"
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
-
-
-class EpochOrder:
-    """The data order: batch ``b`` of epoch ``e`` is ``perm(seed, e)[b B : (b + 1) B]``.
-
-    ``perm(seed, e)`` is a random permutation of ``range(n)`` that depends on nothing but the
-    seed, the stream number and the epoch, so the global batch number alone says where a run is
-    in its data. Incomplete last batches are dropped (every step sees ``batch_size`` examples).
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, stream: int = 0):
-        if n < batch_size:
-            raise factory.ConfigError(
-                f"the data set has {n} examples, fewer than one batch of {batch_size}: lower "
-                "--config.training.batch_size"
-            )
-        self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
-        self.steps_per_epoch = n // batch_size
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def permutation(self, epoch: int) -> Tensor:
-        """The permutation of epoch ``epoch``, shape ``(n,)``."""
-        if epoch != self._epoch:
-            seed = np.random.SeedSequence([self.seed, self.stream, epoch]).generate_state(1)[0]
-            gen = torch.Generator().manual_seed(int(seed))
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
-        return self._perm
-
-    def position(self, index: int) -> tuple[int, int]:
-        """(epoch, batch within the epoch) of global batch ``index`` (counted from 0)."""
-        return divmod(index, self.steps_per_epoch)
-
-    def batch_indices(self, index: int) -> Tensor:
-        """Data indices of global batch ``index``, shape ``(batch_size,)``."""
-        epoch, b = self.position(index)
-        return self.permutation(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
-
-
-class _RankBatches:
-    """This rank's share of each global batch from step ``start`` on (a DataLoader sampler).
-
-    The per-rank batch is chosen here: the global batch of ``training.batch_size`` indices is
-    split into contiguous shards by :func:`scoreflow.distributed.shard_indices`.
-    """
-
-    def __init__(self, order: EpochOrder, start: int):
-        self.order, self.start = order, start
-
-    def __iter__(self) -> Iterator[list[int]]:
-        index = self.start
-        while True:
-            indices = self.order.batch_indices(index)
-            shard = distributed.shard_indices(len(indices))
-            yield indices[shard.start : shard.stop].tolist()
-            index += 1
-
-
-def _loader(dataset, order: EpochOrder, start: int, config, device: torch.device):
-    """Iterator over this rank's uint8 batches (batch, C, H, W), from global batch ``start``."""
-    return iter(
-        torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=_RankBatches(order, start),
-            num_workers=config.training.num_workers,
-            collate_fn=torch.stack,
-            pin_memory=device.type == "cuda",
-            # its own generator, so that building the loader draws nothing from the global RNG
-            generator=torch.Generator().manual_seed(config.seed),
-        )
-    )
-
-
-def preprocess(
-    x: Tensor,
-    scaler,
-    generator: torch.Generator | None,
-    uniform_dequantization: bool = False,
-    random_flip: bool = False,
-    block: tuple[int, int] | None = None,
-) -> Tensor:
-    """uint8 images (batch, C, H, W) -> float model-space inputs of the same shape.
-
-    x / 255 in [0, 1], or with uniform dequantisation (x + u) / 256 with u ~ U[0, 1); a
-    horizontal flip of each image with probability 1/2; then ``scaler`` (e.g. to [-1, 1]).
-    ``block = (start, global_batch)``: ``x`` is rows ``start : start + batch`` of a global batch
-    (a distributed rank's shard); u and the flips are then drawn for the whole global batch and
-    this block kept, so the result does not depend on how the batch is split over ranks.
-    """
-    x = x.float()
-    start, rows = (0, x.shape[0]) if block is None else block
-    keep = slice(start, start + x.shape[0])
-    if uniform_dequantization:
-        u = torch.rand((rows,) + x.shape[1:], generator=generator, device=x.device)
-        x = (x + u[keep]) / 256.0
-    else:
-        x = x / 255.0
-    if random_flip:
-        flip = torch.rand((rows,), generator=generator, device=x.device)[keep] < 0.5
-        x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(-1), x)
-    return scaler(x)
 
 
 def _global_rng_state() -> dict[str, Any]:
@@ -188,18 +92,26 @@ def _set_random_state(
     """Restore the generators and this rank's global RNGs (dropout).
 
     Rank r takes the global RNGs rank r saved; a rank the interrupted run did not have (a resume
-    on more ranks) seeds them from (seed, step, rank) instead.
+    on more ranks) seeds them from (seed, step, rank) instead. A generator whose saved state does
+    not fit it (saved on another device type) is seeded from (seed, step, its number): not from
+    the rank, since these generators must stay equal on every rank.
     """
+    rank = distributed.rank()
     ranks = state.get("ranks", [{k: state[k] for k in ("torch", "cuda") if k in state}])
-    if distributed.rank() < len(ranks):
-        mine = ranks[distributed.rank()]
+    if rank < len(ranks):
+        mine = ranks[rank]
         torch.set_rng_state(mine["torch"])
         if "cuda" in mine and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(mine["cuda"])
+            try:
+                torch.cuda.set_rng_state_all(mine["cuda"])
+            except (IndexError, RuntimeError) as err:  # another number or kind of GPUs
+                log.warning("CUDA RNG state not restored (%s): reseeded", err)
+                torch.cuda.manual_seed_all(distributed.rank_seed(seed, step, rank))
     else:
-        torch.manual_seed(distributed.rank_seed(seed, step, distributed.rank()))
-    for name, gen in generators.items():
-        gen.set_state(state[name])
+        torch.manual_seed(distributed.rank_seed(seed, step, rank))
+    for number, (name, gen) in enumerate(generators.items(), start=1):
+        fallback = distributed.rank_seed(seed, step, number)
+        checkpoints.load_generator_state(gen, state[name], fallback, name)
 
 
 @contextlib.contextmanager
@@ -249,14 +161,9 @@ def _check_finite(model: nn.Module) -> bool:
 
 
 def _snapshot_sampling(config, sde, model: nn.Module, ema: EMA, step: int, workdir: Path):
-    """Samples from the EMA weights at a snapshot, if the sampling module is available."""
-    try:
-        from scoreflow.evaluate_sampling import snapshot_samples
-    except ImportError:
-        if not getattr(_snapshot_sampling, "warned", False):
-            log.warning("snapshot sampling skipped: scoreflow.evaluate_sampling is not available")
-            _snapshot_sampling.warned = True  # type: ignore[attr-defined]
-        return
+    """Samples from the EMA weights at a snapshot (written by the sampling module)."""
+    from scoreflow.evaluate_sampling import snapshot_samples  # loads the metrics when used
+
     ema_model = copy.deepcopy(model)
     ema.copy_to(ema_model)
     ema_model.eval()
@@ -302,8 +209,10 @@ def _device_options(config, model: nn.Module, device: torch.device):
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Train the score model of ``config`` in ``workdir``, resuming from its newest checkpoint.
 
-    Raises :class:`scoreflow.factory.ConfigError` for impossible settings and
-    :class:`TrainingDivergedError` when the loss stops being finite.
+    Raises :class:`scoreflow.factory.ConfigError` for impossible settings,
+    :class:`scoreflow.checkpoints.CheckpointError` when the checkpoint to resume from does not
+    fit the model of ``config``, and :class:`TrainingDivergedError` when the loss stops being
+    finite.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -363,6 +272,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
         len(test_set),
         tuple(train_set[0].shape),
     )
+    if len(train_set) < training.batch_size:
+        raise factory.ConfigError(
+            f"the data set has {len(train_set)} training images, fewer than one batch of "
+            f"{training.batch_size}: lower --config.training.batch_size"
+        )
+    if len(test_set) == 0:
+        raise factory.ConfigError(
+            "the test split is empty, and training evaluates its loss on held-out images: "
+            "raise --config.data.test_fraction"
+        )
     scaler, _ = factory.data_scaler(config)
     order = EpochOrder(len(train_set), training.batch_size, seed, stream=0)
     eval_batch_size = min(training.batch_size, len(test_set))
@@ -370,13 +289,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
 
     # resume from the newest readable pre-emption checkpoint
     snapshot_dir, meta_dir = workdir / "checkpoints", workdir / "checkpoints-meta"
+    if distributed.is_main():
+        for folder in (meta_dir, snapshot_dir):
+            for stale in checkpoints.remove_stale_temporaries(folder):
+                log.info("removed %s, left by a run killed while writing it", stale)
     step = 0
     found = checkpoints.load_latest(meta_dir, map_location="cpu")
     if found is not None:
         state, path = found
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        hint = (
+            f"to resume the run in {workdir}, use the config it was started with "
+            f"({workdir / 'config.json'}), or train in a new --workdir"
+        )
+        checkpoints.load_training_state(state, path, model, ema, optimizer, hint)
         _set_random_state(state["random"], generators, seed, int(state["step"]))
         step = int(state["step"])
         if state.get("batch_size") != training.batch_size:
@@ -389,6 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
         log.info("resumed from %s at step %d", path, step)
     else:
         log.info("starting from scratch (no checkpoint in %s)", meta_dir)
+    records.save_json(json.loads(config.to_json()), workdir / "config.json")
     log.info("snapshots go to %s, pre-emption checkpoints to %s", snapshot_dir, meta_dir)
     if step >= training.n_iters:
         log.info("training already finished: step %d of %d", step, training.n_iters)
@@ -405,9 +331,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
             batch.to(device, non_blocking=True),
             scaler,
             generators["data"],
-            config.data.uniform_dequantization,
-            config.data.random_flip,
-            block,
+            dequantize=config.data.uniform_dequantization,
+            flip=config.data.random_flip,
+            block=block,
         )
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -462,8 +388,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
         return loss
 
     # the loop
-    writer = records.ScalarWriter(workdir / "tensorboard")
-    batches = _loader(train_set, order, step, config, device)
+    writer = records.ScalarWriter(workdir / "tensorboard", purge_step=step + 1 if step else None)
+    batches = rank_batches(
+        train_set, order, step, training.num_workers, pin_memory=device.type == "cuda"
+    )
     model.train()
     bar = records.progress(total=training.n_iters, initial=step, desc="train", unit="step")
     last_time, last_step = time.perf_counter(), step

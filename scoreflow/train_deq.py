@@ -22,7 +22,8 @@ p_model(x_model) / a^D, so
 that is 7 bits for centred data and 8 for data in [0, 1]
 (:func:`scoreflow.likelihood.bpd_offset`).
 
-One step: this step's batch (a pure function of seed and step), an optional horizontal flip,
+One step: this step's batch (a pure function of seed and step, in the order of the score model's
+training: :class:`scoreflow.data.EpochOrder`), an optional horizontal flip,
 u ~ q(. | x/255), the loss above averaged over the batch, a gradient clipped at ``deq.grad_clip``,
 Adam at the learning rate warmed up linearly over ``deq.warmup`` steps, an EMA update at
 ``deq.ema_rate``. Before the first step the dequantiser's actnorm and convolutions are
@@ -31,17 +32,21 @@ checkpoint, so a resumed run does not redo it.
 
 What lands in ``<workdir>/<deq_folder>``:
 
+- ``config.json``: the config of the latest start (the score model's stays in ``workdir``);
 - ``stdout.txt``: the log (appended across restarts);
-- ``tensorboard/``: train_bpd, eval_bpd (EMA weights, held-out batch), lr, grad_norm;
+- ``tensorboard/``: train_bpd, eval_bpd (EMA weights, held-out batch), lr, grad_norm (a resumed
+  run hides the events logged after its checkpoint);
 - ``checkpoints/checkpoint_<k>.pth``: snapshot k = step // deq.snapshot_freq (and the last step),
   dicts with "model", "ema", "optimizer", "step" like the score model's training states;
 - ``checkpoints-meta/checkpoint_<step>.pth``: pre-emption checkpoints (newest two kept), from
-  which a restarted run resumes with every random state, bit-exactly on the CPU.
+  which a restarted run resumes with every random state, bit-exactly on the CPU (on another
+  kind of device the generators are reseeded from (seed, step, rank), with a warning).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -147,8 +152,9 @@ def _set_random_state(
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    for name, gen in generators.items():
-        gen.set_state(state[name])
+    for i, (name, gen) in enumerate(generators.items()):
+        fallback = distributed.rank_seed(seed, step, rank, i + 1)
+        checkpoints.load_generator_state(gen, state[name], fallback, name)
 
 
 @contextlib.contextmanager
@@ -166,8 +172,9 @@ def train_deq(
     """Train the Flow++ dequantiser of ``config.deq`` against the frozen score model of
     ``workdir``, in ``<workdir>/<deq_folder>``, resuming from its newest pre-emption checkpoint.
 
-    Raises FileNotFoundError when the score model's snapshot ``eval.ckpt_id`` is missing and
-    RuntimeError when the loss stops being finite.
+    Raises FileNotFoundError when the score model's snapshot ``eval.ckpt_id`` is missing,
+    :class:`scoreflow.checkpoints.CheckpointError` when the checkpoint to resume from does not
+    fit the dequantiser of ``config``, and RuntimeError when the loss stops being finite.
     """
     workdir = Path(workdir)
     deq_dir = workdir / deq_folder
@@ -207,16 +214,27 @@ def train_deq(
     scaler, inverse_scaler = factory.data_scaler(config)
     offset = offset_bits(inverse_scaler)
     dim = math.prod(train_set[0].shape)
-    train_images, test_images = data.dataset_images(train_set), data.dataset_images(test_set)
-    eval_batch_size = min(deq.batch_size, len(test_images))
+    if len(train_set) < deq.batch_size or len(test_set) == 0:
+        raise factory.ConfigError(
+            f"{len(train_set)} training and {len(test_set)} test images: the dequantiser needs a "
+            f"batch of deq.batch_size={deq.batch_size} training images and a non-empty test "
+            "split (lower --config.deq.batch_size or raise --config.data.test_fraction)"
+        )
+    order = data.EpochOrder(len(train_set), deq.batch_size, seed, stream=0)
+    eval_order = data.EpochOrder(len(test_set), min(deq.batch_size, len(test_set)), seed, stream=1)
 
-    # resume, or initialise the actnorm and convolutions on the first batch
+    # resume, or initialise the actnorm and convolutions on the first batch (the whole global
+    # batch, on every rank alike)
     snapshot_dir, meta_dir = deq_dir / "checkpoints", deq_dir / "checkpoints-meta"
+    if distributed.is_main():
+        for folder in (meta_dir, snapshot_dir):
+            for stale in checkpoints.remove_stale_temporaries(folder):
+                log.info("removed %s, left by a run killed while writing it", stale)
     found = checkpoints.load_latest(meta_dir, map_location="cpu")
     step = 0
     if found is None:
-        first = train_images[data.batch_indices(len(train_images), deq.batch_size, seed, 0)]
-        first = distributed.all_gather_cat(first.to(device)).float() / (NUM_LEVELS - 1)
+        first = torch.stack([train_set[int(i)] for i in order.batch_indices(0)])
+        first = first.to(device).float() / (NUM_LEVELS - 1)
         init_noise = torch.Generator(device=device).manual_seed(seed + 13)
         dequantizer.initialize(first, torch.randn(first.shape, generator=init_noise, device=device))
         log.info("starting from scratch (no checkpoint in %s)", meta_dir)
@@ -224,12 +242,15 @@ def train_deq(
     optimizer = adam(dequantizer.parameters(), deq.lr, eps=config.optim.eps)
     if found is not None:
         state, path = found
-        dequantizer.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        hint = (
+            f"to resume the dequantiser in {deq_dir}, use the config it was started with "
+            f"({deq_dir / 'config.json'}), or use a new --deq_folder"
+        )
+        checkpoints.load_training_state(state, path, dequantizer, ema, optimizer, hint)
         _set_random_state(state["random"], generators, seed, int(state["step"]))
         step = int(state["step"])
         log.info("resumed from %s at step %d", path, step)
+    records.save_json(json.loads(config.to_json()), deq_dir / "config.json")
     log.info("snapshots go to %s, pre-emption checkpoints to %s", snapshot_dir, meta_dir)
     if step >= deq.n_iters:
         log.info("dequantiser training already finished: step %d of %d", step, deq.n_iters)
@@ -266,13 +287,13 @@ def train_deq(
     def evaluate_bpd() -> float:
         """Bits/dim of the EMA dequantiser on one held-out batch (the training RNG untouched)."""
         index = step // deq.eval_freq
-        indices = data.batch_indices(len(test_images), eval_batch_size, seed + 1, index)
         with _side_branch(device), torch.no_grad():
             backup = [p.detach().clone() for p in dequantizer.parameters()]
             ema.copy_to(dequantizer)
             dequantizer.eval()
             gen = torch.Generator(device=device).manual_seed(seed + 10_000 + index)
-            images = test_images[indices].to(device)
+            images = torch.stack([test_set[int(i)] for i in eval_order.batch_indices(index)])
+            images = images.to(device)
             bpd = float(loss_of(images, gen, num_times=EVAL_NUM_TIMES)[1].mean())
             for p, b in zip(dequantizer.parameters(), backup, strict=True):
                 p.copy_(b)
@@ -280,14 +301,16 @@ def train_deq(
         return bpd
 
     # the loop
-    writer = records.ScalarWriter(deq_dir / "tensorboard")
-    batches = data.batches(train_images, deq.batch_size, seed, start_step=step, device=device)
+    writer = records.ScalarWriter(deq_dir / "tensorboard", purge_step=step + 1 if step else None)
+    batches = data.rank_batches(
+        train_set, order, step, config.training.num_workers, pin_memory=device.type == "cuda"
+    )
     dequantizer.train()
     bar = records.progress(total=deq.n_iters, initial=step, desc="train_deq", unit="step")
     last_time, last_step = time.perf_counter(), step
     try:
         while step < deq.n_iters:
-            x = next(batches)
+            x = next(batches).to(device, non_blocking=True)
             if config.data.random_flip:
                 x = data.random_flip(x, generators["flip"])
 

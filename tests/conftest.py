@@ -77,6 +77,7 @@ def cli_args(workdir, mode: str = "train", config: str = DIGITS_CONFIG, **overri
 
 
 def cli_env() -> dict[str, str]:
+    """The environment of a command-line subprocess: one thread, no progress bars, this repo."""
     env = dict(os.environ, OMP_NUM_THREADS="1", SCOREFLOW_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
     return env
 
@@ -92,6 +93,18 @@ def run_cli(args: list[str], timeout: float = 300, **kwargs) -> subprocess.Compl
         timeout=timeout,
         **kwargs,
     )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> str:
+    """Assert exit status 2 and exactly one ``scoreflow: error:`` line, without a traceback,
+    that contains ``fragment``; returns that line."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("scoreflow: error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert fragment in errors[0], errors[0]
+    return errors[0]
 
 
 @pytest.fixture

@@ -6,16 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import DIGITS_CONFIG, ROOT, cli_args, cli_env, run_cli
+from conftest import assert_one_line_error as _one_line_error
 
-
-def _one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("scoreflow: error: ")]
-    assert len(errors) == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert fragment in errors[0], errors[0]
+TRAIN = ["--config", DIGITS_CONFIG, "--workdir", "{w}", "--mode", "train", "--config.model.nf=8"]
 
 
 def test_help():
@@ -61,11 +56,32 @@ def test_help():
              "--config.eval.enable_loss=True"],
             "eval.enable_loss",
         ),
+        (["--config", DIGITS_CONFIG, "--workdir", "{f}", "--mode", "train"], "is a file"),
+        (
+            ["--config", DIGITS_CONFIG, "--workdir", "{f}/run", "--mode", "train",
+             "--config.model.nf=8"],
+            "Not a directory",
+        ),
+        pytest.param(
+            TRAIN + ["--config.device=cuda"], "--config.device=cuda, but this torch",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is available"),
+        ),
+        (TRAIN + ["--config.device=tpu7"], "unknown device 'tpu7'"),
+        (TRAIN + ["--config.data.test_fraction=0"], "data.test_fraction must lie in (0, 1)"),
+        (TRAIN + ["--config.model.nf=0"], "model.nf must be a positive integer"),
+        (TRAIN + ["--config.model.ch_mult=(1,0)"], "model.ch_mult"),
+        (TRAIN + ["--config.training.smallest_time=0"], "smallest_time (eps) must lie in (0, 1)"),
+        (TRAIN + ["--config.training.smallest_time=1.5"], "smallest_time (eps) must lie in"),
+        (TRAIN + ["--config.training.batch_size=5000"], "fewer than one batch of 5000"),
     ],
 )  # fmt: skip
 def test_user_mistakes_give_one_line_and_status_2(args, fragment, tmp_path):
-    result = run_cli([a.replace("{w}", str(tmp_path)) for a in args])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    args = [a.replace("{w}", str(tmp_path / "run")).replace("{f}", str(a_file)) for a in args]
+    result = run_cli(args)
     _one_line_error(result, fragment)
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_missing_data_file_from_the_driver(tmp_path):

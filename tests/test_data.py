@@ -401,36 +401,77 @@ def test_random_flip():
     assert data.random_flip(images, torch.Generator().manual_seed(1)).dtype == torch.uint8
 
 
-def test_epoch_permutation_is_pure():
-    a = data.epoch_permutation(100, seed=5, epoch=3)
-    assert sorted(a.tolist()) == list(range(100)) and a.dtype == torch.long
-    torch.manual_seed(123)  # the global generator plays no part
-    assert torch.equal(a, data.epoch_permutation(100, seed=5, epoch=3))
-    assert not torch.equal(a, data.epoch_permutation(100, seed=5, epoch=4))
-    assert not torch.equal(a, data.epoch_permutation(100, seed=6, epoch=3))
+def test_epoch_order_is_a_pure_function_of_seed_stream_and_epoch():
+    order = data.EpochOrder(n=50, batch_size=8, seed=3)
+    assert order.steps_per_epoch == 6  # the last 2 examples of each epoch are dropped
+    epoch0 = torch.cat([order.batch_indices(i) for i in range(6)])
+    assert epoch0.unique().numel() == 48 and int(epoch0.max()) < 50
+    epoch1 = torch.cat([order.batch_indices(i) for i in range(6, 12)])
+    assert not torch.equal(epoch0, epoch1)
+    # a fresh object (a resumed run) asked for batch 9 first gets the same indices, whatever the
+    # global generator did meanwhile
+    torch.manual_seed(123)
+    assert torch.equal(data.EpochOrder(50, 8, seed=3).batch_indices(9), order.batch_indices(9))
+    assert order.position(9) == (1, 3)
+    assert not torch.equal(data.EpochOrder(50, 8, seed=4).batch_indices(0), order.batch_indices(0))
+    other_stream = data.EpochOrder(50, 8, seed=3, stream=1)
+    assert not torch.equal(other_stream.batch_indices(0), order.batch_indices(0))
+    for batch_size in (0, 51):
+        with pytest.raises(ValueError, match="cannot be drawn"):
+            data.EpochOrder(50, batch_size, seed=3)
 
 
-def test_batches_resume_and_shard():
+def test_preprocess_dequantisation_and_flip():
+    x = torch.randint(0, 256, (400, 1, 4, 4), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    plain = data.preprocess(x, lambda v: v, gen)
+    torch.testing.assert_close(plain, x.float() / 255)
+
+    y = data.preprocess(x, lambda v: v, gen, dequantize=True)
+    assert (y >= x.float() / 256).all() and (y < (x.float() + 1) / 256).all()
+
+    flipped = data.preprocess(x, lambda v: 2 * v - 1, gen, flip=True)
+    same = (flipped == plain * 2 - 1).flatten(1).all(1)
+    mirrored = (flipped == (plain * 2 - 1).flip(-1)).flatten(1).all(1)
+    assert (same | mirrored).all()
+    assert 120 < int((mirrored & ~same).sum()) < 280  # about half of 400
+
+
+def test_blocks_of_a_global_batch_draw_like_the_whole_batch():
+    x = torch.randint(0, 256, (12, 1, 4, 4), dtype=torch.uint8)
+    for helper in (data.uniform_dequantize, data.random_flip):
+        whole = helper(x, torch.Generator().manual_seed(5))
+        blocks = [
+            helper(x[a:b], torch.Generator().manual_seed(5), (a, 12)) for a, b in ((0, 5), (5, 12))
+        ]
+        assert torch.equal(torch.cat(blocks), whole), helper.__name__
+
+
+def test_rank_batches_resume_and_shard(monkeypatch):
     images = torch.arange(23, dtype=torch.uint8).view(23, 1, 1, 1)
-    stream = data.batches(images, 5, seed=9, rank=0, world_size=1)
+    dataset = data.ImageDataset(images, "numbers")
+    order = data.EpochOrder(23, 5, seed=9)
+    stream = data.rank_batches(dataset, order)
     first = [next(stream) for _ in range(12)]  # 4 batches per epoch, 3 epochs
     for epoch in range(3):
         seen = torch.cat(first[4 * epoch : 4 * epoch + 4]).flatten().tolist()
         assert len(set(seen)) == 20  # no image twice within an epoch
-    resumed = data.batches(images, 5, seed=9, start_step=7, rank=0, world_size=1)
+    resumed = data.rank_batches(dataset, data.EpochOrder(23, 5, seed=9), start=7)
     for step in range(7, 12):
         assert torch.equal(next(resumed), first[step])
-        index = data.batch_indices(23, 5, 9, step, rank=0, world_size=1)
-        assert torch.equal(images[index], first[step])
+        assert torch.equal(images[order.batch_indices(step)], first[step])
 
     # two ranks split each global batch into contiguous blocks
-    shards = [data.batches(images, 5, seed=9, rank=r, world_size=2) for r in range(2)]
+    monkeypatch.setattr(data.distributed, "world_size", lambda: 2)
+    shards = []
+    for r in range(2):
+        monkeypatch.setattr(data.distributed, "rank", lambda r=r: r)
+        shard = data.rank_batches(dataset, order)
+        shards.append([next(shard) for _ in range(6)])
     for step in range(6):
-        parts = [next(shard) for shard in shards]
+        parts = [shards[r][step] for r in range(2)]
         assert [len(p) for p in parts] == [3, 2]
         assert torch.equal(torch.cat(parts), first[step])
-    with pytest.raises(ValueError):
-        next(data.batches(images, 24, seed=0))
 
 
 def test_dataset_protocol_and_dataloader():

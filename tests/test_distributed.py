@@ -25,7 +25,8 @@ import torch
 from conftest import ROOT, cli_args, cli_env, run_cli, tiny_config
 
 from scoreflow import checkpoints, distributed, factory
-from scoreflow.train import preprocess, train
+from scoreflow.data import preprocess
+from scoreflow.train import train
 
 # 8 steps of a global batch of 16 (8 per rank), with dequantisation noise and flips drawn per
 # step, a pre-emption checkpoint every 2 steps and a snapshot every 4
@@ -105,6 +106,15 @@ def _losses(workdir: Path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
 
 
+def _scalars(workdir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a TensorBoard scalar of the run in ``workdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
     """The reference: the same 8 steps on one process (python -m scoreflow)."""
@@ -155,6 +165,11 @@ def test_two_processes_train_like_one(one_process, tmp_path):
 
     _assert_same_weights(_weights(one_process, 8), _weights(tmp_path, 8))
     np.testing.assert_allclose(_losses(tmp_path), _losses(one_process), rtol=1e-5)
+    # the gradient norm before clipping is the one-process one: DDP averages the ranks'
+    # gradients (a sum would double it, which clipping and Adam hide from the weights)
+    norms_one, norms_two = _scalars(one_process, "grad_norm"), _scalars(tmp_path, "grad_norm")
+    assert [s for s, _ in norms_two] == [s for s, _ in norms_one] == [2, 4, 6, 8]
+    np.testing.assert_allclose([v for _, v in norms_two], [v for _, v in norms_one], rtol=1e-5)
     # only rank 0 wrote: one log, one TensorBoard event file, the RNG states of both ranks
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert len(_weights(tmp_path, 8)["random"]["ranks"]) == 2

@@ -1,6 +1,7 @@
-"""The training driver: data order, preprocessing, warm-up, the three weightings end to end
-through the command line, what lands in the workdir, and the device options (bf16 autocast on
-the CPU; channels_last and compile, which are no-ops there)."""
+"""The training driver: the three weightings end to end through the command line (and the
+distribution of t that importance sampling draws in the loop), what lands in the workdir,
+TensorBoard after a resume, and the device options (bf16 autocast on the CPU; channels_last and
+compile, which are no-ops there). The data order and preprocessing are tested in test_data."""
 
 from __future__ import annotations
 
@@ -10,41 +11,13 @@ import math
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from conftest import cli_args, run_cli, tiny_config
 
-from scoreflow import checkpoints, factory, losses
-from scoreflow.train import EpochOrder, _device_options, preprocess, train
-
-
-def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
-    order = EpochOrder(n=50, batch_size=8, seed=3)
-    assert order.steps_per_epoch == 6  # the last 2 examples of each epoch are dropped
-    epoch0 = torch.cat([order.batch_indices(i) for i in range(6)])
-    assert epoch0.unique().numel() == 48 and int(epoch0.max()) < 50
-    epoch1 = torch.cat([order.batch_indices(i) for i in range(6, 12)])
-    assert not torch.equal(epoch0, epoch1)
-    # a fresh object (a resumed run) asked for batch 9 first gets the same indices
-    assert torch.equal(EpochOrder(50, 8, seed=3).batch_indices(9), order.batch_indices(9))
-    assert order.position(9) == (1, 3)
-    assert not torch.equal(EpochOrder(50, 8, seed=4).batch_indices(0), order.batch_indices(0))
-
-
-def test_preprocess_dequantisation_and_flip():
-    x = torch.randint(0, 256, (400, 1, 4, 4), dtype=torch.uint8)
-    gen = torch.Generator().manual_seed(0)
-    plain = preprocess(x, lambda v: v, gen)
-    torch.testing.assert_close(plain, x.float() / 255)
-
-    y = preprocess(x, lambda v: v, gen, uniform_dequantization=True)
-    assert (y >= x.float() / 256).all() and (y < (x.float() + 1) / 256).all()
-
-    flipped = preprocess(x, lambda v: 2 * v - 1, gen, random_flip=True)
-    same = (flipped == plain * 2 - 1).flatten(1).all(1)
-    mirrored = (flipped == (plain * 2 - 1).flip(-1)).flatten(1).all(1)
-    assert (same | mirrored).all()
-    assert 120 < int((mirrored & ~same).sum()) < 280  # about half of 400
+from scoreflow import checkpoints, factory, losses, records
+from scoreflow.train import _device_options, train
 
 
 def _losses(workdir) -> list[float]:
@@ -153,3 +126,78 @@ def test_cpu_noop_options_and_sampling_hook_leave_training_unchanged(tmp_path, m
     # a finished run started again does nothing
     train(tiny_config(**short), tmp_path / "plain")
     assert "training already finished" in (tmp_path / "plain" / "stdout.txt").read_text()
+
+
+def _importance_cdf(t: np.ndarray, beta_min: float, beta_max: float, eps: float) -> np.ndarray:
+    """CDF of p(t) proportional to g^2 / std^2 = beta(t) / (1 - exp(-B(t))) on [eps, 1] for the
+    VP SDE, by the trapezoidal rule on a fine logarithmic grid (independent of the sampler)."""
+    grid = np.geomspace(eps, 1.0, 200_001)
+    integrated = beta_min * grid + 0.5 * (beta_max - beta_min) * grid**2
+    density = (beta_min + grid * (beta_max - beta_min)) / -np.expm1(-integrated)
+    cumulative = np.concatenate([[0.0], np.cumsum(np.diff(grid) * (density[1:] + density[:-1]))])
+    return np.interp(t, grid, cumulative / cumulative[-1])
+
+
+def test_the_loop_draws_t_from_the_importance_density(tmp_path, monkeypatch, no_progress):
+    draws = []
+    real = losses.sample_times
+
+    def spy(sde, batch_size, weighting, eps, *args, **kwargs):
+        t = real(sde, batch_size, weighting, eps, *args, **kwargs)
+        draws.append((weighting, t))
+        return t
+
+    monkeypatch.setattr(losses, "sample_times", spy)
+    config = tiny_config(**{
+        "training.likelihood_weighting": True, "training.importance_weighting": True,
+        "training.n_iters": 25, "training.eval_freq": 1000,
+    })  # fmt: skip
+    train(config, tmp_path)
+
+    assert len(draws) == 25 and {weighting for weighting, _ in draws} == {"importance"}
+    t = torch.cat([t for _, t in draws]).double().numpy()
+    eps = config.training.smallest_time
+    assert t.min() >= eps and t.max() <= 1.0
+    # the empirical CDF at a few times against the density's, within 4.5 binomial deviations
+    # (uniform t, as under the other weightings, would put 1% below t = 0.01 instead of ~30%)
+    points = np.array([1e-3, 1e-2, 1e-1, 0.5])
+    expected = _importance_cdf(points, config.model.beta_min, config.model.beta_max, eps)
+    observed = (t[:, None] <= points).mean(axis=0)
+    tolerance = 4.5 * np.sqrt(expected * (1 - expected) / t.size)
+    assert np.all(np.abs(observed - expected) < tolerance), (observed, expected)
+
+
+def test_tensorboard_hides_the_steps_logged_after_the_checkpoint_of_a_resume(
+    tmp_path, monkeypatch, no_progress
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    config = tiny_config(**{
+        "training.n_iters": 10, "training.log_freq": 1, "training.eval_freq": 1000,
+        "training.snapshot_freq": 1000,
+    })  # fmt: skip
+    real_add = records.ScalarWriter.add
+
+    def add_or_die(self, tag, value, step):
+        if step == 8:
+            raise KeyboardInterrupt("simulated pre-emption")
+        real_add(self, tag, value, step)
+
+    monkeypatch.setattr(records.ScalarWriter, "add", add_or_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path)  # steps 1-7 logged, the last checkpoint at step 5
+    monkeypatch.setattr(records.ScalarWriter, "add", real_add)
+    train(config, tmp_path)
+
+    # the resumed run's event file starts a session at step 6: TensorBoard then drops the
+    # interrupted run's events from step 6 on (those of steps 6 and 7)
+    starts = []
+    for path in (tmp_path / "tensorboard").glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                starts.append(event.step)
+    assert starts == [6]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 11))

@@ -3,6 +3,7 @@ of a trained dequantiser over uniform dequantisation under the probability-flow 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -109,6 +110,15 @@ def test_train_deq_writes_checkpoints_logs_and_tensorboard(score_workdir):
     text = (deq_dir / "stdout.txt").read_text()
     assert "eval bpd" in text and "train bpd" in text
     assert any((deq_dir / "tensorboard").iterdir())
+    # its config goes next to its checkpoints; the score model's training config is not touched
+    assert json.loads((deq_dir / "config.json").read_text())["deq"]["n_iters"] == 30
+    assert not (score_workdir / "config.json").exists()
+
+    # resuming with another dequantiser is a one-line error that keeps the run's config
+    with pytest.raises(checkpoints.CheckpointError) as err:
+        train_deq(deq_config(**{"deq.n_iters": 40, "deq.num_filters": 12}), score_workdir)
+    assert "\n" not in str(err.value) and "use a new --deq_folder" in str(err.value)
+    assert json.loads((deq_dir / "config.json").read_text())["deq"]["num_filters"] == 8
 
     # the evaluation's way of loading the dequantiser works on these snapshots
     flow = factory.get_dequantizer(deq_config())
