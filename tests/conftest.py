@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -111,3 +112,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) ->
 def no_progress(monkeypatch):
     """Silence tqdm bars of in-process runs."""
     monkeypatch.setenv("SCOREFLOW_NO_PROGRESS", "1")
+
+
+@pytest.fixture
+def console_log(capsys):
+    """capsys for an in-process command that sets up console logging on the captured stderr;
+    the root logger's handlers and level are restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield capsys
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)

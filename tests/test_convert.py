@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -32,19 +31,6 @@ CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "small" / "digit
 
 def _tiny_config():
     return load_config_file(CONFIG_FILE)
-
-
-@pytest.fixture
-def console_log(capsys):
-    """capsys for an in-process command that sets up console logging on the captured stderr;
-    the root logger's handlers and level are restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield capsys
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ For such data every marginal p_t is N(alpha m, alpha^2 v + std^2) per dimension,
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
@@ -396,19 +395,6 @@ def test_snapshot_samples_writes_grid_and_npz(tmp_path):
     samples = np.load(folder / "sample.npz")["samples"]
     assert samples.shape == (4, 1, 8, 8) and samples.dtype == np.uint8
     assert (folder / "sample.png").is_file()
-
-
-@pytest.fixture
-def console_log(capsys):
-    """capsys for an in-process command that sets up console logging on the captured stderr;
-    the root logger's handlers and level are restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield capsys
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def test_fid_stats_command(tmp_path, monkeypatch, console_log):
