@@ -68,7 +68,7 @@ def train_step(cfg, net: torch.nn.Module, lr: float, warmup: int):
     )
     call_model, autocast = train._device_options(cfg, net, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    channels_last = training.channels_last and device.type == "cuda"
+    channels_last = training.channels_last
     state = {"step": 0, "optimizer": optimizer, "ema": ema}
     net.train()
 

@@ -18,10 +18,9 @@ float32 options run with TF32 off (``torch.backends.cudnn.allow_tf32 = False``, 
 "highest"), otherwise the reference itself would be computed at 10-bit mantissa precision.
 
 On a machine without CUDA the checks run on the CPU: bf16 where the CPU has bf16 instructions
-(``scoreflow.train`` uses bf16 autocast on CPUs too), channels_last although ``scoreflow.train``
-ignores it there (the numerics still agree), and compile only with ``--cpu-compile``, since
-inductor's C++ compilation of the network takes minutes there (it passed: 0 relative loss error,
-9e-8 on the gradient). Usage::
+(``scoreflow.train`` applies every option on CPUs too), channels_last, and compile only with
+``--cpu-compile``, since inductor's C++ compilation of the network takes minutes there
+(benchmarks/option_checks_cpu.json: every option passed). Usage::
 
     python -m benchmarks.gpu_checks                       # the cifar10 DDPM++ on a GPU, or a tiny
                                                           # digits network on the CPU

@@ -174,23 +174,19 @@ def _device_options(config, model: nn.Module, device: torch.device):
     """Apply training.channels_last, DDP (under a process group), training.compile, training.amp.
 
     Returns (model to call in training, autocast context factory). ``model`` itself stays the
-    unwrapped network (its parameters are shared with the returned one). channels_last and
-    compile act on GPUs only (on a CPU they were measured to gain nothing or a few percent after
-    minutes of compilation); bf16 autocast acts on GPUs and CPUs alike.
+    unwrapped network (its parameters are shared with the returned one). Every option acts on
+    any device; whether it pays depends on the device and the network (docs/training.md).
     """
     training = config.training
-    on_gpu = device.type == "cuda"
     if training.channels_last:
-        if on_gpu:
-            model = model.to(memory_format=torch.channels_last)
-        else:
-            log.info("training.channels_last has no effect on %s; ignored", device)
+        log.info(
+            "training.channels_last: the network and its inputs in channels_last on %s", device
+        )
+        model = model.to(memory_format=torch.channels_last)
     call_model: nn.Module = distributed.wrap_ddp(model, device)
     if training.compile:
-        if on_gpu:
-            call_model = torch.compile(call_model)  # type: ignore[assignment]
-        else:
-            log.info("training.compile is only used on GPUs; running eagerly on %s", device)
+        log.info("training.compile: torch.compile of the network (the first steps compile it)")
+        call_model = torch.compile(call_model)  # type: ignore[assignment]
     if training.amp:
         log.info("training.amp: bf16 autocast of the network on %s", device)
         if device.type == "cpu" and not distributed.cpu_has_bf16():
@@ -321,7 +317,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
         return
 
     call_model, autocast = _device_options(config, model, device)
-    channels_last = training.channels_last and device.type == "cuda"
+    channels_last = training.channels_last
     # this rank's rows of the global batch (all of it on one process)
     shard = distributed.shard_indices(training.batch_size)
     block = (shard.start, training.batch_size)
