@@ -140,6 +140,10 @@ def _dispatch(fv) -> None:
     distributed.init(fv.config.device)  # NCCL on GPUs, gloo on CPUs; nothing on one process
     try:
         _run_driver(fv)
+        # leave together: a rank that tears its gloo connections down while another still
+        # writes its last checkpoint can be aborted ("terminate called without an active
+        # exception"); after a failure the launcher stops the other ranks instead
+        distributed.barrier()
     finally:
         distributed.destroy()
 
