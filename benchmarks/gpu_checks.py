@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib.util
 import json
 import math
 import sys
@@ -55,13 +54,6 @@ from scoreflow.importance import ImportanceSampler  # noqa: E402
 
 TOLERANCE = {"float32": 0.0, "channels_last": 1e-5, "compile": 1e-5, "bf16": 1e-2}
 TOLERANCE["bf16+channels_last+compile"] = 1e-2
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("gpu_checks_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.get_config()
 
 
 def _fill_zero_layers(model: nn.Module, generator: torch.Generator) -> None:
@@ -175,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     default_config = "configs/vp/cifar10_ddpmpp_continuous.py" if on_gpu else (
         "configs/small/digits_vp.py"
     )  # fmt: skip
-    config = load_config(str(ROOT / (args.config or default_config)))
+    config = factory.load_config_file(str(ROOT / (args.config or default_config)))
     config.model.dropout = 0.0  # dropout would make two calls differ
     if args.nf:
         config.model.nf = args.nf

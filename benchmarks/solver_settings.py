@@ -37,7 +37,7 @@ def _bpd_error(logp, exact, dim: int) -> float:
 def gaussian_cases(dim: int = 3072, batch: int = 4, tol: float = 1e-5) -> list[dict]:
     """Every combination on Gaussian data, VP and subVP, float32 and float64."""
     from scoreflow.likelihood import ode_likelihood
-    from scoreflow.score import exact_gaussian_score_fn
+    from scoreflow.score import exact_gaussian_flow_logp, exact_gaussian_score_fn
     from scoreflow.sde import VPSDE, SubVPSDE
 
     rows = []
@@ -49,7 +49,7 @@ def gaussian_cases(dim: int = 3072, batch: int = 4, tol: float = 1e-5) -> list[d
         var = log_var.exp()
         mu = 0.5 * torch.randn(dim, generator=gen, dtype=torch.float64)
         x = mu + torch.randn(batch, dim, generator=gen, dtype=torch.float64) * var.sqrt()
-        exact = gaussian_model_logp(sde, mu, var, x, eps)
+        exact = exact_gaussian_flow_logp(sde, mu, var, x, eps)
         for dtype in (torch.float32, torch.float64):
             score_fn = exact_gaussian_score_fn(sde, mu.to(dtype), var.to(dtype))
             for time_variable, error_norm in COMBINATIONS:
@@ -70,26 +70,6 @@ def gaussian_cases(dim: int = 3072, batch: int = 4, tol: float = 1e-5) -> list[d
                 )
                 print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def gaussian_model_logp(sde, mu, var, x, eps: float):
-    """Exact log-density of the probability-flow model at x (batch, D) for N(mu, diag(var)) data.
-
-    The marginals stay Gaussian, N(alpha mu, alpha^2 var + std^2), and the flow keeps
-    (x - mean_t) / sd_t fixed, so x(T) is known and log p(x) = log prior(x(T)) + log p_eps(x) -
-    log p_T(x(T)).
-    """
-    a_eps, s_eps = sde.marginal_coefs(torch.tensor(eps, dtype=torch.float64))
-    a_end, s_end = sde.marginal_coefs(torch.tensor(sde.T, dtype=torch.float64))
-    var_eps, var_end = a_eps**2 * var + s_eps**2, a_end**2 * var + s_end**2
-    z = a_end * mu + (x - a_eps * mu) * torch.sqrt(var_end / var_eps)
-
-    def log_normal(y, mean, variance):
-        return (-0.5 * ((y - mean) ** 2 / variance + torch.log(2 * math.pi * variance))).sum(-1)
-
-    return (
-        sde.prior_logp(z) + log_normal(x, a_eps * mu, var_eps) - log_normal(z, a_end * mu, var_end)
-    )
 
 
 def network_cases(workdir: Path, tol: float = 1e-5) -> list[dict]:

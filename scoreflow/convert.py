@@ -34,14 +34,12 @@ loadable with :func:`scoreflow.checkpoints.load_checkpoint` and
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import ml_collections
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -67,7 +65,6 @@ __all__ = [
     "convert_flax_score_checkpoint",
     "convert_flax_dequantizer_checkpoint",
     "load_score_sde_pytorch_checkpoint",
-    "load_config_file",
     "convert_main",
 ]
 
@@ -479,22 +476,6 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ValueError(f"convert: {message}")
 
 
-def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """``get_config()`` of the ml_collections config file ``path`` (a Python file).
-
-    Raises FileNotFoundError for a missing file and ValueError for one without get_config().
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file {file} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_scoreflow_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {file} has no get_config() function")
-    return module.get_config()
-
-
 def convert_main(argv: list[str]) -> int:
     """``scoreflow convert --kind score|deq|score_sde_pytorch --input FILE --output FILE
     --config CONFIG_FILE``: write the foreign checkpoint FILE as our training state.
@@ -523,7 +504,7 @@ def convert_main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="config file of the checkpoint's model")
     args = parser.parse_args(argv)
 
-    config = load_config_file(args.config)
+    config = factory.load_config_file(args.config)
     log.info("convert: %s checkpoint %s, architecture of %s", args.kind, args.input, args.config)
     if args.kind == "deq":
         network = factory.get_dequantizer(config)

@@ -59,9 +59,6 @@ from scoreflow.bound import negative_elbo
 from scoreflow.data import dataset_images
 from scoreflow.dequantization import UniformDequantizer, VariationalDequantizer
 from scoreflow.likelihood import (
-    DIVERGENCES,
-    ERROR_NORMS,
-    TIME_VARIABLES,
     bits_per_dim,
     bpd_offset,
     ode_likelihood,
@@ -376,16 +373,6 @@ def evaluate(
             dequantizer = UniformDequantizer()
             dequantization = "uniform"
         method = "bound" if evaluation.bound else "ode"
-        choices = {
-            "divergence": DIVERGENCES,
-            "time_variable": TIME_VARIABLES,
-            "error_norm": ERROR_NORMS,
-        }
-        for name, allowed in choices.items():
-            if evaluation[name] not in allowed:
-                raise factory.ConfigError(
-                    f"eval.{name} must be one of {', '.join(allowed)}, got {evaluation[name]!r}"
-                )
         settings = {
             "method": method,
             "dequantization": dequantization,

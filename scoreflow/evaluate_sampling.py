@@ -45,7 +45,6 @@ import torch
 from torch import Tensor, nn
 
 from scoreflow import checkpoints, distributed, metrics, records
-from scoreflow.convert import load_config_file
 from scoreflow.sampling import ode_sample, pc_sample
 from scoreflow.score import get_score_fn
 from scoreflow.sde import SDE
@@ -481,7 +480,7 @@ def stats_main(argv: list[str]) -> int:
 
     from scoreflow import data, factory
 
-    config = load_config_file(args.config)
+    config = factory.load_config_file(args.config)
     if args.data_root is not None:
         config.data.root = args.data_root
     output = Path(args.output)

@@ -7,7 +7,10 @@ construct the same objects without a config.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ml_collections
@@ -23,11 +26,36 @@ if TYPE_CHECKING:
 
 Scaler = Callable[[Tensor], Tensor]
 
-__all__ = ["ConfigError", "get_sde", "get_model", "get_dequantizer", "get_datasets", "data_scaler"]
+__all__ = [
+    "ConfigError",
+    "load_config_file",
+    "check_config",
+    "get_sde",
+    "get_model",
+    "get_dequantizer",
+    "get_datasets",
+    "data_scaler",
+]
 
 
 class ConfigError(ValueError):
     """A config value is unknown or incompatible with another; the message says how to fix it."""
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """``get_config()`` of the ml_collections config file ``path`` (a Python file).
+
+    Raises FileNotFoundError for a missing file and ValueError for one without get_config().
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {file} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_scoreflow_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {file} has no get_config() function")
+    return module.get_config()
 
 
 def get_sde(config: ml_collections.ConfigDict) -> SDE:
@@ -95,6 +123,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             "only continuous-time training is implemented: set --config.training.continuous=True"
         )
+    from scoreflow.likelihood import DIVERGENCES, ERROR_NORMS, TIME_VARIABLES
+
+    choices = {
+        "divergence": DIVERGENCES,
+        "time_variable": TIME_VARIABLES,
+        "error_norm": ERROR_NORMS,
+    }
+    for name, allowed in choices.items():
+        if config.eval[name] not in allowed:
+            raise ConfigError(
+                f"eval.{name} must be one of {', '.join(allowed)}, got {config.eval[name]!r}"
+            )
     if config.eval.bpd_dataset not in ("train", "test"):
         raise ConfigError(
             f"eval.bpd_dataset must be train or test, got {config.eval.bpd_dataset!r}"

@@ -11,6 +11,7 @@ This is the one place where the network's conditioning and output conventions me
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,15 @@ from scoreflow.sde import SDE, VESDE, expand_like
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["ScoreFn", "get_noise_fn", "get_score_fn", "time_condition"]
+__all__ = [
+    "ScoreFn",
+    "get_noise_fn",
+    "get_score_fn",
+    "time_condition",
+    "exact_gaussian_score_fn",
+    "exact_gaussian_flow_logp",
+    "no_grad_score",
+]
 
 
 def time_condition(sde: SDE, t: Tensor) -> Tensor:
@@ -76,6 +85,26 @@ def exact_gaussian_score_fn(sde: SDE, mean: Tensor, var: Tensor) -> ScoreFn:
         return -(x - a * mean) / (a * a * var + s * s)
 
     return score_fn
+
+
+def exact_gaussian_flow_logp(sde: SDE, mean: Tensor, var: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Log-density at ``x`` (batch, D) of the probability-flow model of N(mean, diag(var)) data
+    with the exact score (:func:`exact_gaussian_score_fn`), started at time ``eps``: shape (batch,).
+
+    The marginals stay Gaussian, N(alpha_t mean, alpha_t^2 var + std_t^2), and the flow keeps
+    (x - mean_t) / sd_t fixed, so the flow takes x to z = mean_T + (x - mean_eps) sd_T / sd_eps
+    and log p(x) = log prior(z) + log p_eps(x) - log p_T(z). ``mean`` and ``var`` are (D,).
+    """
+    times = torch.tensor([eps, sde.T], dtype=x.dtype, device=x.device)
+    alpha, std = sde.marginal_coefs(times)
+    var_eps, var_end = alpha[0] ** 2 * var + std[0] ** 2, alpha[1] ** 2 * var + std[1] ** 2
+    z = alpha[1] * mean + (x - alpha[0] * mean) * torch.sqrt(var_end / var_eps)
+
+    def log_normal(y: Tensor, mu: Tensor, variance: Tensor) -> Tensor:
+        return (-0.5 * ((y - mu) ** 2 / variance + torch.log(2 * math.pi * variance))).sum(-1)
+
+    log_p_eps = log_normal(x, alpha[0] * mean, var_eps)
+    return sde.prior_logp(z) + log_p_eps - log_normal(z, alpha[1] * mean, var_end)
 
 
 def no_grad_score(score_fn: ScoreFn) -> ScoreFn:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
@@ -10,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from scoreflow.factory import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = str(ROOT / "configs" / "small" / "digits_vp.py")
@@ -53,10 +54,7 @@ TINY_NCSNPP = dict(
 
 def tiny_config(**overrides):
     """The digits VP config with :data:`TINY` and ``overrides`` ("training.n_iters"=...)."""
-    spec = importlib.util.spec_from_file_location("digits_vp_config", DIGITS_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(DIGITS_CONFIG)
     for key, value in {**TINY, **overrides}.items():
         section, field = key.rsplit(".", 1)
         setattr(_section(config, section), field, value)

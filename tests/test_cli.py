@@ -53,6 +53,11 @@ def test_help():
         ),
         (
             ["--config", DIGITS_CONFIG, "--workdir", "{w}", "--mode", "eval",
+             "--config.eval.error_norm=max"],
+            "eval.error_norm must be one of joint, separate",
+        ),
+        (
+            ["--config", DIGITS_CONFIG, "--workdir", "{w}", "--mode", "eval",
              "--config.eval.enable_loss=True"],
             "eval.enable_loss",
         ),

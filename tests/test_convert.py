@@ -18,7 +18,6 @@ from scoreflow.convert import (
     convert_flax_score_checkpoint,
     convert_main,
     flax_score_params_to_state_dict,
-    load_config_file,
     load_score_sde_pytorch_checkpoint,
     read_flax_msgpack,
 )
@@ -30,7 +29,7 @@ CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "small" / "digit
 
 
 def _tiny_config():
-    return load_config_file(CONFIG_FILE)
+    return factory.load_config_file(CONFIG_FILE)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ the dequantiser and sampling hooks, and the report's files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -26,10 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_config():
-    spec = importlib.util.spec_from_file_location("digits_vp", ROOT / "configs/small/digits_vp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = factory.load_config_file(ROOT / "configs/small/digits_vp.py")
     config.device = "cpu"
     evaluation = config.eval
     evaluation.max_images = 5

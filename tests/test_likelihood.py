@@ -25,7 +25,7 @@ from scoreflow.likelihood import (
     draw_probe,
     ode_likelihood,
 )
-from scoreflow.score import exact_gaussian_score_fn
+from scoreflow.score import exact_gaussian_flow_logp, exact_gaussian_score_fn
 from scoreflow.sde import VESDE, VPSDE, SubVPSDE
 
 CASES = [(VPSDE(), 1e-5), (SubVPSDE(), 1e-2), (VESDE(), 1e-5)]
@@ -123,25 +123,10 @@ def test_image_sized_gaussian_data_to_1e_3_bits_per_dim(sde, eps, dtype):
                              generator=gen, error_norm=norm)
         for norm in ("joint", "separate")
     }  # fmt: skip
-    exact = _diagonal_model_logp(sde, mu, var, x, eps)
+    exact = exact_gaussian_flow_logp(sde, mu, var, x, eps)
     for result in results.values():  # Rademacher probes are exact for a diagonal Jacobian
         assert to_bpd(result.logp.double() - exact, dim).abs().max() < 1e-3
     assert results["joint"].nfe < results["separate"].nfe
-
-
-def _diagonal_model_logp(sde, mu, var, x, eps):
-    """The probability-flow model's exact log-density for data N(mu, diag(var)), in O(D)."""
-    a_eps, s_eps = sde.marginal_coefs(torch.tensor(eps, dtype=DTYPE))
-    a_end, s_end = sde.marginal_coefs(torch.tensor(sde.T, dtype=DTYPE))
-    var_eps, var_end = a_eps**2 * var + s_eps**2, a_end**2 * var + s_end**2
-    z = a_end * mu + (x - a_eps * mu) * torch.sqrt(var_end / var_eps)
-
-    def log_normal(y, mean, variance):
-        return (-0.5 * ((y - mean) ** 2 / variance + torch.log(2 * math.pi * variance))).sum(-1)
-
-    return (
-        sde.prior_logp(z) + log_normal(x, a_eps * mu, var_eps) - log_normal(z, a_end * mu, var_end)
-    )
 
 
 @pytest.mark.parametrize("sde,eps", CASES)
