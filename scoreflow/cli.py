@@ -140,9 +140,8 @@ def _dispatch(fv) -> None:
     distributed.init(fv.config.device)  # NCCL on GPUs, gloo on CPUs; nothing on one process
     try:
         _run_driver(fv)
-        # leave together: a rank that tears its gloo connections down while another still
-        # writes its last checkpoint can be aborted ("terminate called without an active
-        # exception"); after a failure the launcher stops the other ranks instead
+        # leave together, so that no rank tears its gloo connections down while another still
+        # writes its last checkpoint; after a failure the launcher stops the other ranks instead
         distributed.barrier()
     finally:
         distributed.destroy()
@@ -216,5 +215,40 @@ def _error(message: str, status: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Entry point of ``scoreflow``, ``python -m scoreflow`` and ``python main.py``: exits."""
-    sys.exit(run(argv))
+    """Entry point of ``scoreflow``, ``python -m scoreflow`` and ``python main.py``: exits.
+
+    A process started by ``torchrun`` (or another launcher that sets RANK and WORLD_SIZE) dumps
+    the Python stacks of its threads if it is aborted (faulthandler), so that a crashed rank says
+    where it was, and it ends without the interpreter's teardown: once DistributedDataParallel
+    has wrapped a model, the gloo group's C++ threads outlive ``destroy_process_group`` (they are
+    still running when the driver returns), and tearing the interpreter and the C++ statics
+    down under them occasionally aborts a rank that had finished its work ("terminate called
+    without an active exception", exit -6), which makes the launcher fail the whole job. The
+    drivers have closed their files by then; the logs and standard streams are flushed first.
+    """
+    if not _launched_by_torchrun():
+        sys.exit(run(argv))
+    import faulthandler
+    import logging
+
+    faulthandler.enable(all_threads=True)
+    try:
+        status = run(argv)
+    except SystemExit as stop:  # --help, or an exit from a library
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        status = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
+
+
+def _launched_by_torchrun() -> bool:
+    # scoreflow.distributed.launched_by_torchrun without importing torch (for --help)
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ

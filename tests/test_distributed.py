@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli_args, cli_env, run_cli, tiny_config
+from conftest import ROOT, assert_one_line_error, cli_args, cli_env, run_cli, tiny_config
 
 from scoreflow import checkpoints, distributed, factory
 from scoreflow.data import preprocess
@@ -154,6 +154,24 @@ def test_batch_size_must_divide_over_the_ranks(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(factory.ConfigError, match="not divisible by the 2 processes"):
         train(tiny_config(**{**RUN, "training.batch_size": 15}), tmp_path)
+
+
+def test_a_launched_process_keeps_its_status_and_output(tmp_path):
+    """Under a launcher the command line ends with os._exit (scoreflow.cli.main): its exit
+    status and its buffered standard output and error must still come out."""
+    env = dict(cli_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.pop("PYTHONUNBUFFERED", None)  # output to a pipe is then held in buffers
+    helped = subprocess.run(
+        [sys.executable, "-m", "scoreflow", "--help"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert helped.returncode == 0 and "--workdir" in helped.stdout
+    args = cli_args(tmp_path, mode="sample")
+    mistaken = subprocess.run(
+        [sys.executable, "-m", "scoreflow", *args], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert_one_line_error(mistaken, "unknown --mode")
 
 
 def test_two_processes_train_like_one(one_process, tmp_path):
