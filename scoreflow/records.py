@@ -52,12 +52,19 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
         root.addHandler(file_handler)
 
 
+class _SilentBar(tqdm):
+    """A disabled bar that starts no monitor thread: tqdm starts its monitor for disabled bars
+    too and then never stops it, leaving a thread to the end of the process."""
+
+    monitor_interval = 0
+
+
 def progress(iterable: Iterable | None = None, **kwargs) -> tqdm:
     """A tqdm bar on rank 0 (disabled elsewhere, or when SCOREFLOW_NO_PROGRESS is set)."""
     disable = not distributed.is_main() or bool(os.environ.get("SCOREFLOW_NO_PROGRESS"))
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("mininterval", 1.0)
-    return tqdm(iterable, disable=disable, **kwargs)
+    return (_SilentBar if disable else tqdm)(iterable, disable=disable, **kwargs)
 
 
 class ScalarWriter:

@@ -4,9 +4,13 @@ old file and no temporary), and only by rank 0."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
 from scoreflow import distributed, records
@@ -63,3 +67,22 @@ def test_save_json_replaces_atomically_and_only_on_rank_0(tmp_path, monkeypatch)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     records.save_json({"model": {"nf": 16}}, path)
     assert json.loads(path.read_text()) == {"model": {"nf": 8}}
+
+
+def test_a_disabled_bar_leaves_no_thread_behind():
+    """Ranks other than 0 and runs with SCOREFLOW_NO_PROGRESS get disabled bars; tqdm would
+    start its monitor thread for them and keep it to the end of the process."""
+    code = (
+        "import threading\n"
+        "from scoreflow import records\n"
+        "bar = records.progress(range(3), desc='x')\n"
+        "for _ in bar: pass\n"
+        "bar.close()\n"
+        "print(sorted(t.name for t in threading.enumerate()))\n"
+    )
+    env = dict(os.environ, SCOREFLOW_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[0] == "['MainThread']"
