@@ -663,3 +663,35 @@ def test_real_flax_checkpoint_gives_the_flax_outputs(tmp_path):
     with torch.no_grad():
         got = model(x, t)
     np.testing.assert_allclose(got.numpy(), io["y_ema"].transpose(0, 3, 1, 2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arch, widths",
+    [
+        ("cifar10", dict(num_filters=8, num_blocks=4, num_components=2, num_heads=2,
+                         num_conv_blocks=2)),
+        ("imagenet32", dict(num_filters=8, num_blocks=8, num_components=2, num_heads=2,
+                            num_conv_blocks=1)),
+    ],
+)  # fmt: skip
+def test_real_flax_dequantizer_gives_the_flax_outputs(arch, widths):
+    """score_flow's Flax Flow++ dequantisers (8x8x3, tiny couplings, the reference's fixed-width
+    context networks), initialised, perturbed and serialised by flax itself
+    (tests/data/convert/make_flax_dequantizer_fixture.py): the converted weights map the same
+    noise and images to the same u and log q(u | x) (the Flax network returns -log q)."""
+    deq = FlowppDequantizer(arch, 3, 8, **widths).eval()
+    state = convert_flax_dequantizer_checkpoint(FIXTURE / f"flax_flowpp_{arch}_tiny.msgpack", deq)
+    assert state["step"] == 60000 and state["ema"]["__decay__"] == pytest.approx(0.99)
+    io = np.load(FIXTURE / f"flax_flowpp_{arch}_tiny_io.npz")
+    x01, noise = _nchw(io["x"]), _nchw(io["eps"])
+
+    deq.load_state_dict(state["model"], strict=True)
+    for suffix in ("", "_ema"):
+        if suffix:
+            checkpoints.restore_ema_weights(deq, state)
+        with torch.no_grad():
+            u, log_q = deq(x01, noise)
+        np.testing.assert_allclose(
+            u.numpy().transpose(0, 2, 3, 1), io[f"u{suffix}"], rtol=0, atol=5e-6
+        )
+        np.testing.assert_allclose(log_q.numpy(), -io[f"minus_log_q{suffix}"], rtol=0, atol=2e-3)
