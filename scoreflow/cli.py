@@ -222,9 +222,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     where it was, and it ends without the interpreter's teardown: once DistributedDataParallel
     has wrapped a model, the gloo group's C++ threads outlive ``destroy_process_group`` (they are
     still running when the driver returns), and tearing the interpreter and the C++ statics
-    down under them occasionally aborts a rank that had finished its work ("terminate called
-    without an active exception", exit -6), which makes the launcher fail the whole job. The
-    drivers have closed their files by then; the logs and standard streams are flushed first.
+    down under running threads can abort a rank that had finished its work ("terminate called
+    without an active exception", exit -6, seen rarely), which makes the launcher fail the
+    whole job. The drivers have closed their files by then; the logs and standard streams are
+    flushed first.
     """
     if not _launched_by_torchrun():
         sys.exit(run(argv))
