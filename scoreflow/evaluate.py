@@ -332,9 +332,18 @@ def evaluate(
     distributed.init(config.device)  # first, so that only rank 0 writes the log file
     records.setup_logging(eval_dir / "evaluation_log.txt")
     factory.check_config(config)
+    evaluation = config.eval
+    if not (evaluation.enable_bpd or evaluation.enable_sampling):
+        raise factory.ConfigError(
+            "--mode eval has nothing to do: set --config.eval.enable_bpd=True (bits/dim) or "
+            "--config.eval.enable_sampling=True (samples and their metrics)"
+        )
+    if evaluation.enable_sampling:
+        from scoreflow.evaluate_sampling import check_stats_file
+
+        check_stats_file(config)  # before the bits/dim pass, not after it
     records.save_json(json.loads(config.to_json()), eval_dir / "config.json")
     device = distributed.default_device(config.device)
-    evaluation = config.eval
 
     sde = factory.get_sde(config)
     model = factory.get_model(config).to(device)

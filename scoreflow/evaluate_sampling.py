@@ -57,6 +57,7 @@ __all__ = [
     "run_sampling_eval",
     "snapshot_samples",
     "compute_data_statistics",
+    "check_stats_file",
     "stats_main",
 ]
 
@@ -228,6 +229,23 @@ def _check_stats_network(
         )
 
 
+def check_stats_file(config: ml_collections.ConfigDict) -> None:
+    """Raise FileNotFoundError if the sample metrics of ``config.eval`` need an
+    ``eval.stats_file`` that does not exist (checked before an evaluation starts)."""
+    evaluation = config.eval
+    if evaluation.enable_sampling and evaluation.sample_metrics and evaluation.stats_file:
+        _check_stats_path(Path(evaluation.stats_file))
+
+
+def _check_stats_path(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"FID statistics file {path} not found: download the official cifar10_stats.npz / "
+            "imagenet32_stats.npz (see docs/sampling.md), make one with `scoreflow fid-stats`, "
+            "or leave eval.stats_file empty to use the training split"
+        )
+
+
 def _load_stats_file(
     path: str | os.PathLike, network: str | None = None, convention: str | None = None
 ) -> dict[str, np.ndarray]:
@@ -237,12 +255,7 @@ def _load_stats_file(
     preprocessing, "tf" or "pytorch_fid"), a file made with another network draws a warning.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"FID statistics file {path} not found: download the official cifar10_stats.npz / "
-            "imagenet32_stats.npz (see docs/sampling.md), make one with `scoreflow fid-stats`, "
-            "or leave eval.stats_file empty to use the training split"
-        )
+    _check_stats_path(path)
     with np.load(path) as data:
         stats = {k: data[k] for k in data.files}
     if "mu" not in stats or "sigma" not in stats:
@@ -489,7 +502,10 @@ def stats_main(argv: list[str]) -> int:
     device = distributed.default_device(args.device)
     net = metrics.load_inception(args.inception or None, device)
 
-    train, test = factory.get_datasets(config)
+    try:
+        train, test = factory.get_datasets(config)
+    except FileNotFoundError as err:  # the loaders name the driver's flag; here it is another
+        raise FileNotFoundError(str(err).replace("--config.data.root", "--data_root")) from err
     images = data.dataset_images(train if args.split == "train" else test)
     if args.max_images > 0:
         images = images[: args.max_images]

@@ -77,7 +77,7 @@ def get_sde(config: ml_collections.ConfigDict) -> SDE:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Reject settings that cannot work (here, or together), with a message that names the fix."""
     training = config.training
-    get_sde(config)
+    sde = get_sde(config)
     _check_device(config.device)
     if not 0.0 < training.smallest_time < 1.0:
         raise ConfigError(
@@ -104,10 +104,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name, value in sizes.items():
         if value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value}")
-    if not config.model.ch_mult or min(config.model.ch_mult) < 1:
+    ch_mult = tuple(config.model.ch_mult)
+    if not ch_mult or not all(isinstance(m, int) and m >= 1 for m in ch_mult):
         raise ConfigError(
-            f"model.ch_mult must be a non-empty list of positive channel multipliers, got "
-            f"{tuple(config.model.ch_mult)}"
+            f"model.ch_mult must be a non-empty list of positive integer channel multipliers, "
+            f"got {ch_mult}"
         )
     if training.importance_weighting and not training.likelihood_weighting:
         raise ConfigError(
@@ -141,6 +142,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if training.batch_size < 1:
         raise ConfigError("training.batch_size must be at least 1")
+    _check_eval_sizes(config.eval)
+    if training.snapshot_sampling or config.eval.enable_sampling:
+        _check_sampling(config.sampling, sde)
     if config.eval.enable_loss:
         raise ConfigError(
             "eval.enable_loss (the DSM loss of every snapshot on the test split) is not "
@@ -152,6 +156,47 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "eval.dsm=False (the bound by sliced score matching) is not implemented; the bound "
             "uses denoising score matching: set --config.eval.dsm=True"
         )
+
+
+def _check_eval_sizes(evaluation: ml_collections.ConfigDict) -> None:
+    for name in ("batch_size", "num_repeats", "num_samples"):
+        if evaluation[name] < 1:
+            raise ConfigError(f"eval.{name} must be at least 1, got {evaluation[name]}")
+    if evaluation.max_images < 0:
+        raise ConfigError(
+            f"eval.max_images must be 0 (every image of the split) or a positive count, got "
+            f"{evaluation.max_images}"
+        )
+
+
+def _check_sampling(sampling: ml_collections.ConfigDict, sde: SDE) -> None:
+    """The sampler settings, checked before a run that samples (training.snapshot_sampling,
+    eval.enable_sampling) starts rather than when it first samples."""
+    from scoreflow.sampling import check_pc_settings
+
+    method = sampling.method.lower()
+    if method not in ("ode", "pc"):
+        raise ConfigError(f"unknown sampling.method {sampling.method!r}: set it to ode or pc")
+    if sampling.batch_size < 1:
+        raise ConfigError(f"sampling.batch_size must be at least 1, got {sampling.batch_size}")
+    if method == "ode":
+        if not 0.0 < sampling.smallest_time < sde.T:
+            raise ConfigError(
+                f"sampling.smallest_time must lie in (0, {sde.T:g}), got {sampling.smallest_time}"
+            )
+        if sampling.rtol <= 0 or sampling.atol <= 0:
+            raise ConfigError(
+                f"sampling.rtol and sampling.atol must be positive, got {sampling.rtol} and "
+                f"{sampling.atol}"
+            )
+        return
+    try:
+        check_pc_settings(
+            sde, sampling.predictor.lower(), sampling.corrector.lower(), sampling.num_steps,
+            sampling.smallest_time, sampling.n_steps_each, sampling.probability_flow,
+        )  # fmt: skip
+    except ValueError as err:
+        raise ConfigError(f"sampling (method pc): {err}") from err
 
 
 def _check_device(name: str) -> None:

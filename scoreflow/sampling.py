@@ -59,6 +59,7 @@ __all__ = [
     "tweedie_denoise",
     "ode_sample",
     "pc_sample",
+    "check_pc_settings",
     "predictor_step",
     "langevin_step",
 ]
@@ -246,11 +247,7 @@ def _ancestral_step(
     to_zero: bool,
 ) -> tuple[Tensor, Tensor]:
     """DDPM (VP) or SMLD (VE) ancestral step; see the module docstring."""
-    if probability_flow:
-        raise NotImplementedError(
-            "the ancestral predictor samples the discrete Markov chain and has no "
-            "probability-flow form: use euler_maruyama or reverse_diffusion"
-        )
+    _check_ancestral(sde, probability_flow)
     if isinstance(sde, VPSDE):
         b = expand_like(_forward_step(sde, x, t, step, to_zero)[1] ** 2, x)
         x_mean = (x + b * score_fn(x, t)) / torch.sqrt(1.0 - b)
@@ -262,10 +259,7 @@ def _ancestral_step(
         x_mean = x + jump2 * score_fn(x, t)
         std = torch.sqrt(prev2 * jump2 / sigma2)
         return x_mean + std * _randn_like(x, generator), x_mean
-    raise NotImplementedError(
-        f"the ancestral predictor is defined for the VP (DDPM) and VE (SMLD) chains, not for "
-        f"{type(sde).__name__}: use reverse_diffusion or euler_maruyama"
-    )
+    raise AssertionError("unreachable: _check_ancestral accepts VP and VE only")
 
 
 def langevin_step(
@@ -296,6 +290,55 @@ def langevin_step(
     step_size = expand_like(2.0 * alpha * (snr * noise_norm / grad_norm) ** 2, x)
     x_mean = x + step_size * grad
     return x_mean + torch.sqrt(2.0 * step_size) * noise, x_mean
+
+
+def check_pc_settings(
+    sde: SDE,
+    predictor: str,
+    corrector: str,
+    num_steps: int,
+    eps: float,
+    n_steps_each: int = 1,
+    probability_flow: bool = False,
+) -> None:
+    """Raise ValueError (NotImplementedError for a combination that has no sampler) unless
+    :func:`pc_sample` can run with these settings; so that a driver can check them before it
+    starts a long run."""
+    if predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor {predictor!r}: choose one of {', '.join(PREDICTORS)}")
+    if corrector not in CORRECTORS:
+        raise ValueError(f"unknown corrector {corrector!r}: choose one of {', '.join(CORRECTORS)}")
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be at least 2, got {num_steps}")
+    if corrector != "none" and n_steps_each < 1:
+        raise ValueError(f"n_steps_each must be >= 1, got {n_steps_each}")
+    if not 0.0 < eps < sde.T:
+        raise ValueError(f"the smallest time eps must lie in (0, T), got {eps}")
+    step = (sde.T - eps) / (num_steps - 1)
+    if (
+        isinstance(sde, VPSDE)
+        and predictor in ("reverse_diffusion", "ancestral")
+        and sde.beta_max * step >= 1.0
+    ):
+        raise ValueError(
+            f"the DDPM chain of the {predictor} predictor needs beta_max * h < 1, i.e. "
+            f"num_steps > {1 + (sde.T - eps) * sde.beta_max:.0f}; got num_steps={num_steps}"
+        )
+    if predictor == "ancestral":
+        _check_ancestral(sde, probability_flow)
+
+
+def _check_ancestral(sde: SDE, probability_flow: bool) -> None:
+    if probability_flow:
+        raise NotImplementedError(
+            "the ancestral predictor samples the discrete Markov chain and has no "
+            "probability-flow form: use euler_maruyama or reverse_diffusion"
+        )
+    if not isinstance(sde, (VPSDE, VESDE)):
+        raise NotImplementedError(
+            f"the ancestral predictor is defined for the VP (DDPM) and VE (SMLD) chains, not "
+            f"for {type(sde).__name__}: use reverse_diffusion or euler_maruyama"
+        )
 
 
 @torch.no_grad()
@@ -333,24 +376,8 @@ def pc_sample(
         evaluations (one per predictor step or final denoising, ``n_steps_each`` per corrector
         visit).
     """
-    if predictor not in PREDICTORS:
-        raise ValueError(f"unknown predictor {predictor!r}: choose one of {', '.join(PREDICTORS)}")
-    if corrector not in CORRECTORS:
-        raise ValueError(f"unknown corrector {corrector!r}: choose one of {', '.join(CORRECTORS)}")
-    if num_steps < 2:
-        raise ValueError(f"num_steps must be at least 2, got {num_steps}")
-    if not 0.0 < eps < sde.T:
-        raise ValueError(f"the smallest time eps must lie in (0, T), got {eps}")
+    check_pc_settings(sde, predictor, corrector, num_steps, eps, n_steps_each, probability_flow)
     step = (sde.T - eps) / (num_steps - 1)
-    if (
-        isinstance(sde, VPSDE)
-        and predictor in ("reverse_diffusion", "ancestral")
-        and sde.beta_max * step >= 1.0
-    ):
-        raise ValueError(
-            f"the DDPM chain of the {predictor} predictor needs beta_max * h < 1, i.e. "
-            f"num_steps > {1 + (sde.T - eps) * sde.beta_max:.0f}; got num_steps={num_steps}"
-        )
 
     x = _initial_state(sde, shape, generator, device, dtype, prior_sample)
     times = torch.linspace(sde.T, eps, num_steps, device=x.device, dtype=torch.float64)

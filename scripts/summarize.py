@@ -30,9 +30,11 @@ def main(workdir: str) -> int:
                 bpd = f"{entry['bpd']:.4f} +- {entry['bpd_stderr']:.4f}"
                 line += f"{entry['method']:<7}{entry['dequantization']:<13}{bpd:>17}"
                 line += f"{entry['num_images']:>8}{entry['nfe_mean']:>7.0f}"
-            else:
+            elif "samples_dir" in entry:
                 count = entry.get("num_samples", 0)
                 line += f"{'samples':<20}{count:>17} in {entry['samples_dir']}"
+            else:
+                line += "no results (neither bits/dim nor samples were asked for)"
             print(line)
     print("\npictures:")
     for png in sorted(root.rglob("*.png")):

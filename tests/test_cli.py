@@ -11,6 +11,7 @@ from conftest import DIGITS_CONFIG, ROOT, cli_args, cli_env, run_cli
 from conftest import assert_one_line_error as _one_line_error
 
 TRAIN = ["--config", DIGITS_CONFIG, "--workdir", "{w}", "--mode", "train", "--config.model.nf=8"]
+EVAL = ["--config", DIGITS_CONFIG, "--workdir", "{w}", "--mode", "eval", "--config.model.nf=8"]
 
 
 def test_help():
@@ -78,6 +79,21 @@ def test_help():
         (TRAIN + ["--config.training.smallest_time=0"], "smallest_time (eps) must lie in (0, 1)"),
         (TRAIN + ["--config.training.smallest_time=1.5"], "smallest_time (eps) must lie in"),
         (TRAIN + ["--config.training.batch_size=5000"], "fewer than one batch of 5000"),
+        (TRAIN + ["--config.model.ch_mult=1,2,x"], "model.ch_mult must be a non-empty list"),
+        # sampler settings are checked at the start, not when the first snapshot is sampled
+        (TRAIN + ["--config.sampling.method=ddim"], "unknown sampling.method 'ddim'"),
+        (TRAIN + ["--config.sampling.method=pc", "--config.sampling.predictor=euler"],
+         "unknown predictor 'euler'"),
+        (TRAIN + ["--config.sampling.method=pc", "--config.sampling.predictor=reverse_diffusion",
+                  "--config.sampling.num_steps=10"], "num_steps > 21"),
+        (TRAIN + ["--config.training.sde=subvpsde", "--config.sampling.method=pc",
+                  "--config.sampling.predictor=ancestral"], "not supported: the ancestral"),
+        (EVAL + ["--config.eval.batch_size=0"], "eval.batch_size must be at least 1"),
+        (EVAL + ["--config.eval.num_repeats=0"], "eval.num_repeats must be at least 1"),
+        (EVAL + ["--config.eval.max_images=-3"], "eval.max_images must be 0"),
+        (EVAL + ["--config.eval.enable_bpd=False"], "--mode eval has nothing to do"),
+        (EVAL + ["--config.eval.enable_sampling=True", "--config.eval.stats_file={w}/no.npz"],
+         "FID statistics file"),
     ],
 )  # fmt: skip
 def test_user_mistakes_give_one_line_and_status_2(args, fragment, tmp_path):

@@ -187,6 +187,7 @@ def test_variational_dequantizer_and_sampling_hook(tmp_path, tiny_model, monkeyp
 
     fake = types.ModuleType("scoreflow.evaluate_sampling")
     fake.run_sampling_eval = run_sampling_eval
+    fake.check_stats_file = lambda config: None
     monkeypatch.setitem(sys.modules, "scoreflow.evaluate_sampling", fake)
 
     report = evaluate(config, workdir, "eval")
