@@ -110,8 +110,11 @@ def _parse(argv: list[str]):
         if "Failed loading config file" in str(err) or "earlier failure" in str(err):
             raise UsageError(f"cannot load the --config file: {_last_line(err)}") from err
         if isinstance(err, AttributeError) and isinstance(err.args[0], KeyError):
-            field = err.args[0].args[0]
-            raise UsageError(f"unknown config field {field} in a --config.* override") from err
+            # the field, then possibly ml_collections' "Did you mean ..." on further lines
+            field, *hint = str(err.args[0].args[0]).splitlines()
+            hint = f" ({' '.join(hint).strip()})" if any(h.strip() for h in hint) else ""
+            message = f"unknown config field {field} in a --config.* override{hint}"
+            raise UsageError(message) from err
         raise UsageError(f"bad --config override: {_first_line(err)}") from err
     if len(extra) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(extra[1:])}")
@@ -175,7 +178,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             return int(_subcommands()[argv[1]](argv[2:]) or 0)
         _dispatch(_parse(argv))
     except KeyboardInterrupt:
-        return _error("interrupted; run the same command again to resume", 130)
+        return _error(
+            "interrupted; run the same command again to resume from the last checkpoint", 130
+        )
     except Exception as err:
         status = None if os.environ.get("SCOREFLOW_TRACEBACK") else _report(err, argv)
         if status is None:

@@ -407,9 +407,11 @@ def load_score_sde_pytorch_checkpoint(
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConversionError(
-            f"{path} cannot be read without running pickled code (weights_only=True): {first}"
-        ) from err
+        if "weights only" in str(err).lower():
+            why = "cannot be read without running pickled code (weights_only=True)"
+        else:
+            why = "is not a PyTorch checkpoint that torch.load can read"
+        raise ConversionError(f"{path} {why}: {first}") from err
     if not isinstance(raw, dict) or "model" not in raw:
         raise ConversionError(f"{path} is not a score_sde_pytorch checkpoint (no 'model' entry)")
 

@@ -383,9 +383,14 @@ def load_cifar10(root: str | os.PathLike) -> tuple[ImageDataset, ImageDataset]:
 
     def read(name: str) -> Tensor:
         batch = restricted_pickle_load(folder / name)
-        if not isinstance(batch, dict) or b"data" not in batch:
-            raise ValueError(f"{folder / name} is not a CIFAR-10 batch (no b'data' entry)")
-        return _rows_to_images(np.asarray(batch[b"data"]), folder / name)
+        # the published batches are Python 2 pickles (bytes keys); a batch re-pickled by
+        # Python 3 has str keys
+        rows = None
+        if isinstance(batch, dict):
+            rows = batch.get(b"data", batch.get("data"))
+        if rows is None:
+            raise ValueError(f"{folder / name} is not a CIFAR-10 batch (no 'data' entry)")
+        return _rows_to_images(np.asarray(rows), folder / name)
 
     train = torch.cat([read(name) for name in names[:5]])
     test = read("test_batch")

@@ -415,6 +415,8 @@ def test_score_sde_pytorch_errors(tmp_path):
     torch.save({"model": {}, "thing": _Pickled()}, tmp_path / "pickled.pth")
     with pytest.raises(ConversionError, match="weights_only"):
         load_score_sde_pytorch_checkpoint(tmp_path / "pickled.pth")
+    with pytest.raises(ConversionError, match="not a PyTorch checkpoint"):
+        load_score_sde_pytorch_checkpoint(FIXTURE / "flax_ncsnpp_tiny.msgpack")
 
 
 # ----------------------------------------------------------------------------------------------

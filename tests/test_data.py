@@ -148,6 +148,8 @@ def _write_cifar(folder, rng, per_batch=3, style="protocol2"):
                 b"data": rows[name],
                 b"filenames": [f"img{i}.png".encode() for i in range(per_batch)],
             }
+            if style == "str_keys":  # a batch re-pickled by Python 3
+                batch = {key.decode(): value for key, value in batch.items()}
             blob = pickle.dumps(batch, protocol=4 if style == "protocol4" else 2)
             if style == "numpy1":  # the module path that numpy 1 writes
                 blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
@@ -155,7 +157,9 @@ def _write_cifar(folder, rng, per_batch=3, style="protocol2"):
     return rows
 
 
-@pytest.mark.parametrize("style", ["python2", "protocol2", "protocol4", "numpy1", "flat"])
+@pytest.mark.parametrize(
+    "style", ["python2", "protocol2", "protocol4", "numpy1", "str_keys", "flat"]
+)
 def test_cifar10_reads_python_batches(tmp_path, style):
     rng = np.random.default_rng(0)
     if style == "flat":
