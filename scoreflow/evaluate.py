@@ -315,6 +315,33 @@ def _snapshot_paths(config: ml_collections.ConfigDict, workdir: Path) -> list[tu
     return present
 
 
+# settings that change what a trained score model means; model.dropout and model.ema_rate act
+# only during training
+_MODEL_DEFINING = ("training.sde", "data.centered", "data.image_size", "data.num_channels")
+_TRAINING_ONLY = ("model.dropout", "model.ema_rate")
+
+
+def training_config_differences(
+    config: ml_collections.ConfigDict, training_config: dict[str, Any]
+) -> list[str]:
+    """The fields that define the score model (``model.*`` but its training-only fields,
+    ``training.sde``, ``data.centered``, ``data.image_size``, ``data.num_channels``) on which
+    ``config`` differs from ``training_config`` (the run's config.json), as "field (a vs b)"."""
+    ours = json.loads(config.to_json())
+    fields = list(_MODEL_DEFINING) + [
+        f"model.{key}" for key in sorted(ours.get("model", {}))
+        if f"model.{key}" not in _TRAINING_ONLY
+    ]  # fmt: skip
+    found = []
+    for field in fields:
+        section, key = field.split(".")
+        mine = ours.get(section, {}).get(key)
+        theirs = training_config.get(section, {}).get(key, mine)
+        if mine != theirs:
+            found.append(f"{field} ({mine!r} here, {theirs!r} in training)")
+    return found
+
+
 def evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -345,6 +372,16 @@ def evaluate(
     records.save_json(json.loads(config.to_json()), eval_dir / "config.json")
     device = distributed.default_device(config.device)
 
+    trained_with = workdir / "config.json"
+    if trained_with.is_file() and distributed.is_main():
+        differences = training_config_differences(config, json.loads(trained_with.read_text()))
+        if differences:
+            log.warning(
+                "the config differs from the one the run was trained with (%s) in %s: the "
+                "figures are those of another model; evaluate with the training config",
+                trained_with,
+                ", ".join(differences),
+            )
     sde = factory.get_sde(config)
     model = factory.get_model(config).to(device)
     # frozen: the likelihood's vector-Jacobian products in x then keep no activations that only
@@ -410,7 +447,12 @@ def evaluate(
 
     for ckpt, path in _snapshot_paths(config, workdir):
         state = checkpoints.load_checkpoint(path)
-        checkpoints.restore_ema_weights(model, state)
+        try:
+            checkpoints.restore_ema_weights(model, state, str(path))
+        except checkpoints.CheckpointError as err:
+            raise checkpoints.CheckpointError(
+                f"{err}; evaluate with the config the run was trained with ({trained_with})"
+            ) from err
         step = int(state.get("step", -1))
         log.info("snapshot %s (step %d)", path, step)
         entry: dict[str, Any] = {"checkpoint": ckpt, "checkpoint_path": str(path), "step": step}

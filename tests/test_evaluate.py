@@ -287,3 +287,28 @@ def test_real_small_network_bound(tmp_path):
     write_snapshot(workdir, factory.get_model(config), 1, 1000)
     report = evaluate(config, workdir, "eval")
     assert math.isfinite(report["checkpoints"]["1_bound_uniform"]["bpd"])
+
+
+def test_a_config_unlike_the_training_one_is_named(tmp_path, tiny_model, monkeypatch, caplog):
+    """Evaluating under another SDE than the one trained would give the figures of another
+    model; the run's config.json says which fields differ. A checkpoint that does not fit
+    the network points to that file."""
+    config = small_config()
+    config.eval.max_images, config.eval.num_repeats = 2, 1
+    workdir = tiny_workdir(tmp_path, "other_sde")
+    trained = json.loads(config.to_json())
+    trained["training"]["sde"] = "subvpsde"
+    trained["model"]["dropout"] = 0.3  # acts only during training: not a difference
+    (workdir / "config.json").write_text(json.dumps(trained))
+    with caplog.at_level("WARNING", logger="scoreflow.evaluate"):
+        evaluate(config, workdir, "eval")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "training.sde ('vpsde' here, 'subvpsde' in training)" in warnings[0]
+    assert "dropout" not in warnings[0]
+
+    wider = nn.Module()
+    wider.conv = nn.Conv2d(1, 8, 3, padding=1)
+    monkeypatch.setattr(factory, "get_model", lambda config: wider)
+    with pytest.raises(checkpoints.CheckpointError, match="evaluate with the config the run"):
+        evaluate(config, workdir, "eval_wider")
