@@ -326,7 +326,8 @@ def training_config_differences(
 ) -> list[str]:
     """The fields that define the score model (``model.*`` but its training-only fields,
     ``training.sde``, ``data.centered``, ``data.image_size``, ``data.num_channels``) on which
-    ``config`` differs from ``training_config`` (the run's config.json), as "field (a vs b)"."""
+    ``config`` differs from ``training_config`` (the run's config.json), each as
+    "field (value here, value in training)"."""
     ours = json.loads(config.to_json())
     fields = list(_MODEL_DEFINING) + [
         f"model.{key}" for key in sorted(ours.get("model", {}))
