@@ -6,6 +6,8 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,26 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) ->
     assert "Traceback" not in result.stderr
     assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+@contextmanager
+def preempted_at_step(monkeypatch, step: int) -> Iterator[None]:
+    """Within the block a driver is stopped by KeyboardInterrupt (a simulated pre-emption) when
+    it logs its first scalar of ``step``, after the checkpoints of the steps before it."""
+    from scoreflow import records
+
+    real_add = records.ScalarWriter.add
+
+    def add_or_die(self, tag, value, at_step):
+        if at_step == step:
+            raise KeyboardInterrupt("simulated pre-emption")
+        real_add(self, tag, value, at_step)
+
+    monkeypatch.setattr(records.ScalarWriter, "add", add_or_die)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(records.ScalarWriter, "add", real_add)
 
 
 @pytest.fixture

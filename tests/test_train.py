@@ -14,9 +14,9 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import cli_args, run_cli, tiny_config
+from conftest import cli_args, preempted_at_step, run_cli, tiny_config
 
-from scoreflow import checkpoints, factory, losses, records
+from scoreflow import checkpoints, factory, losses
 from scoreflow.train import _device_options, train
 
 
@@ -181,17 +181,8 @@ def test_tensorboard_hides_the_steps_logged_after_the_checkpoint_of_a_resume(
         "training.n_iters": 10, "training.log_freq": 1, "training.eval_freq": 1000,
         "training.snapshot_freq": 1000,
     })  # fmt: skip
-    real_add = records.ScalarWriter.add
-
-    def add_or_die(self, tag, value, step):
-        if step == 8:
-            raise KeyboardInterrupt("simulated pre-emption")
-        real_add(self, tag, value, step)
-
-    monkeypatch.setattr(records.ScalarWriter, "add", add_or_die)
-    with pytest.raises(KeyboardInterrupt):
+    with preempted_at_step(monkeypatch, 8), pytest.raises(KeyboardInterrupt):
         train(config, tmp_path)  # steps 1-7 logged, the last checkpoint at step 5
-    monkeypatch.setattr(records.ScalarWriter, "add", real_add)
     train(config, tmp_path)
 
     # the resumed run's event file starts a session at step 6: TensorBoard then drops the

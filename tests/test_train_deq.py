@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import preempted_at_step, tiny_config
 from torch import nn
 
-from scoreflow import checkpoints, data, factory, records
+from scoreflow import checkpoints, data, factory
 from scoreflow.ema import EMA
 from scoreflow.likelihood import bits_per_dim, bpd_offset, ode_likelihood
 from scoreflow.score import get_score_fn
@@ -134,17 +134,8 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeyp
     train_deq(config, uninterrupted)
 
     # kill the second run at step 25 (after its step-20 pre-emption checkpoint), then resume
-    real_add = records.ScalarWriter.add
-
-    def add_or_die(self, tag, value, step):
-        if step == 25:
-            raise KeyboardInterrupt("simulated pre-emption")
-        real_add(self, tag, value, step)
-
-    monkeypatch.setattr(records.ScalarWriter, "add", add_or_die)
-    with pytest.raises(KeyboardInterrupt):
+    with preempted_at_step(monkeypatch, 25), pytest.raises(KeyboardInterrupt):
         train_deq(config, interrupted)
-    monkeypatch.setattr(records.ScalarWriter, "add", real_add)
     init_calls = []
     monkeypatch.setattr(
         "scoreflow.nets.flowpp.FlowppDequantizer.initialize",
